@@ -1,0 +1,134 @@
+"""The one place that talks to ComfyUI's services.
+
+Everything here exists both in the oldest ComfyUI the pack supports (the March 2024 tree the test host
+runs) and in current ComfyUI, or is feature-detected before use. Stage modules call these helpers
+instead of reaching into `comfy` themselves, so an API change is mended in one file.
+"""
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+WEIGHT_EXTENSIONS = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
+
+# Folder key -> default sub-folder of ComfyUI's models dir. Native keys first, then the keys the
+# AnimateDiff ecosystem already uses, so users' existing model folders are found.
+MODEL_FOLDERS = {
+    "diffusion_models": "diffusion_models",
+    "vae": "vae",
+    "loras": "loras",
+    "clip_vision": "clip_vision",
+    "text_encoders": "text_encoders",
+    "animatediff_models": "animatediff_models",
+    "animatediff_motion_lora": "animatediff_motion_lora",
+}
+
+
+def register_model_folders():
+    """Make every folder key the pack reads exist, with explicit extensions, without dropping paths
+    that ComfyUI or extra_model_paths.yaml already registered for that key."""
+    for key, sub in MODEL_FOLDERS.items():
+        default = os.path.join(folder_paths.models_dir, sub)
+        paths, extensions = folder_paths.folder_names_and_paths.get(key, ([], set()))
+        paths = list(paths)
+        if default not in paths:
+            paths.append(default)
+        if key == "diffusion_models" and "unet" in folder_paths.folder_names_and_paths:
+            # Older ComfyUI keeps diffusion models under "unet"; read both.
+            for p in folder_paths.folder_names_and_paths["unet"][0]:
+                if p not in paths:
+                    paths.append(p)
+        folder_paths.folder_names_and_paths[key] = (paths, set(extensions) | WEIGHT_EXTENSIONS)
+
+
+def model_files(key):
+    return folder_paths.get_filename_list(key)
+
+
+def model_path(key, name):
+    path = folder_paths.get_full_path(key, name)
+    if path is None:
+        raise FileNotFoundError(
+            f"model file {name!r} was not found in the {key!r} folders "
+            f"({', '.join(folder_paths.get_folder_paths(key))}); put it there or pick another file"
+        )
+    return path
+
+
+def torch_device():
+    return mm.get_torch_device()
+
+
+def offload_device():
+    return mm.unet_offload_device()
+
+
+def intermediate_device():
+    return mm.intermediate_device()
+
+
+def wrap_model(module, load_device=None, offload=None):
+    """A ModelPatcher around a plain nn.Module so ComfyUI loads and offloads it with its other models."""
+    load_device = load_device or torch_device()
+    offload = offload or offload_device()
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    size += sum(b.numel() * b.element_size() for b in module.buffers())
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload, size=size)
+
+
+def load_to_device(patcher):
+    """Ask ComfyUI's memory manager to put the patched model on its load device."""
+    mm.load_models_gpu([patcher])
+    return patcher.model
+
+
+def check_interrupt():
+    mm.throw_exception_if_processing_interrupted()
+
+
+def is_oom(error):
+    return isinstance(error, mm.OOM_EXCEPTION)
+
+
+def soft_empty_cache():
+    mm.soft_empty_cache()
+
+
+class Progress:
+    """ComfyUI's progress bar plus an interrupt check on every update (old ProgressBars do not check)."""
+
+    def __init__(self, total):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def update(self, n=1, preview=None):
+        check_interrupt()
+        if preview is None:
+            self.bar.update(n)
+        else:
+            self.bar.update_absolute(self.bar.current + n, preview=preview)
+        check_interrupt()
+
+
+def output_directory():
+    return folder_paths.get_output_directory()
+
+
+def input_directory():
+    return folder_paths.get_input_directory()
+
+
+def temp_directory():
+    return folder_paths.get_temp_directory()
+
+
+def save_path(prefix, width=0, height=0):
+    """(full_folder, filename, counter, subfolder, prefix) exactly as ComfyUI's own savers name files."""
+    return folder_paths.get_save_image_path(prefix, output_directory(), width, height)
+
+
+def no_grad():
+    return torch.inference_mode()
