@@ -1,0 +1,49 @@
+"""Workflow hygiene: every UI-format workflow a user drags in is checked against the live server."""
+from pathlib import Path
+
+import pytest
+
+from host import workflows
+
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_matches_server(comfy, path):
+    ui = workflows.load(path)
+    problems = workflows.validate(ui, comfy.object_info())
+    assert not problems, "\n".join(problems)
+    api = workflows.to_api(ui, comfy.object_info())
+    assert api, "the workflow has no node that runs"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_has_download_note(path):
+    ui = workflows.load(path)
+    notes = [n for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes and any((n.get("widgets_values") or [""])[0].strip() for n in notes), \
+        f"{path.name} needs a Note node saying what to download and where to put it"
+
+
+def test_validator_catches_broken_workflows(comfy):
+    """The hygiene check itself must fail on the mistakes it exists to catch."""
+    info = comfy.object_info()
+    good = {
+        "nodes": [
+            {"id": 1, "type": "EmptyImage", "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}],
+             "widgets_values": [64, 64, 1, 0]},
+            {"id": 2, "type": "SaveImage", "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+             "outputs": [], "widgets_values": ["ComfyUI"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"]],
+    }
+    assert workflows.validate(good, info) == []
+    assert workflows.to_api(good, info)["2"]["inputs"]["images"] == ["1", 0]
+    unknown = {**good, "nodes": good["nodes"] + [{"id": 3, "type": "CVGNoSuchNode", "inputs": [], "widgets_values": []}]}
+    assert any("unknown node type" in p for p in workflows.validate(unknown, info))
+    out_of_range = {**good, "nodes": [dict(good["nodes"][0], widgets_values=[64, 64, 99999, 0]), good["nodes"][1]]}
+    assert any("outside" in p for p in workflows.validate(out_of_range, info))
+    wrong_type = {**good, "links": [[1, 1, 0, 2, 0, "LATENT"]]}
+    assert any("link 1" in p for p in workflows.validate(wrong_type, info))
+    wrong_count = {**good, "nodes": [dict(good["nodes"][0], widgets_values=[64, 64]), good["nodes"][1]]}
+    assert any("widget values" in p for p in workflows.validate(wrong_count, info))
