@@ -572,6 +572,8 @@ def _png_files(folder):
 def probe(path):
     """{'width','height','fps','frame_count' (None if the container does not say),'duration','codec'}."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoFileError(f"video file {path} does not exist")
     if os.path.isdir(path):
         files = _png_files(path)
         from PIL import Image
@@ -756,7 +758,8 @@ class VideoReader:
         last = None
         last_t = None
         src_dt = 1.0 / self.info["fps"]
-        eps = 1e-6
+        # containers round timestamps (Matroska: whole ms); tolerate that much jitter
+        eps = min(2e-3, 0.25 * min(step, src_dt))
         for t, frame in source:
             if last is not None:
                 while next_t < t - eps:
