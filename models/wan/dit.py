@@ -1,0 +1,475 @@
+"""The Wan2.1 diffusion transformer (DiT): text-to-video, image-to-video and first-last-frame variants.
+
+One readable file, laid out like the reference `wan/modules/model.py`, written for this pack from the
+facts in REFERENCE §1. Parameter names are the original (Wan-AI / ComfyUI) names, so the state dict of a
+`WanDiT` equals the key set of the released files (see `models/wan/loading.py` for the other layouts).
+
+Numerics follow the reference:
+  * the time embedding, the modulation (shift/scale/gate), the residual stream, the norms and the head
+    run in float32; the big linear layers and attention run in the compute dtype (`WanDiT.dtype`,
+    e.g. bfloat16), like the reference under `autocast(bfloat16)`;
+  * the sinusoidal time embedding is [cos, sin], in float64 by default (the reference; set
+    `sinusoid_dtype=torch.float32` for diffusers' variant, 3e-5 apart at t=999);
+  * text context is zero-padded (or truncated) to 512 rows and NOT masked anywhere;
+  * weights may be stored in another dtype than the compute dtype (fp8_e4m3fn, fp16, ...): every layer
+    casts its weight to the input's dtype when it runs (and applies a per-tensor `scale_weight` for
+    "scaled fp8" files), so no full-precision copy of the model is ever kept.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention import attention, check_backend
+
+MODEL_TYPES = ("t2v", "i2v", "flf2v")
+
+
+@dataclass
+class WanConfig:
+    model_type: str = "t2v"  # t2v | i2v | flf2v
+    dim: int = 1536
+    ffn_dim: int = 8960
+    heads: int = 12
+    layers: int = 30
+    in_dim: int = 16  # 36 for i2v/flf2v: [noisy 16 | mask 4 | condition 16]
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    image_dim: int = 1280  # CLIP ViT-H penultimate width (i2v/flf2v)
+    image_tokens: int = 257  # per frame; flf2v has two frames (514 position embeddings)
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for the 3D RoPE")
+        self.patch_size = tuple(self.patch_size)
+
+    @property
+    def head_dim(self):
+        return self.dim // self.heads
+
+    @property
+    def has_image(self):
+        return self.model_type in ("i2v", "flf2v")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers that cast their (possibly fp8 / fp16) weights to the input's dtype at compute time.
+
+
+def _cast(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs in the input's dtype whatever the storage dtype of its weight.
+
+    `scale_weight` (a scalar buffer, only on layers loaded from a "scaled fp8" file) multiplies the
+    stored weight: real weight = stored · scale_weight.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale_weight", None, persistent=False)
+
+    def forward(self, x):
+        w = _cast(self.weight, x.dtype)
+        if self.scale_weight is not None:
+            w = w * self.scale_weight.to(x.dtype)
+        return F.linear(x, w, _cast(self.bias, x.dtype))
+
+
+class PatchEmbed(nn.Conv3d):
+    """Conv3d with kernel = stride = patch size, weight cast to the input's dtype."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale_weight", None, persistent=False)
+
+    def forward(self, x):
+        w = _cast(self.weight, x.dtype)
+        if self.scale_weight is not None:
+            w = w * self.scale_weight.to(x.dtype)
+        return F.conv3d(x, w, _cast(self.bias, x.dtype), stride=self.stride)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim (the whole model width, i.e. across heads), float32 math."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Returns float32: the caller applies RoPE (float32) before casting to the compute dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), _cast(self.weight, torch.float32), self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (optionally affine), returning float32."""
+
+    def forward(self, x):
+        return F.layer_norm(
+            x.float(), self.normalized_shape, _cast(self.weight, torch.float32), _cast(self.bias, torch.float32),
+            self.eps,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def sinusoidal_embedding(t, dim, dtype=torch.float64):
+    """[cos, sin] embedding of timesteps t [B] with ω_j = 10000^(-j/half) -> [B, dim] float32."""
+    half = dim // 2
+    if dtype == torch.float64 and t.device.type == "mps":
+        dtype = torch.float32
+    t = t.to(dtype)
+    omega = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    arg = t[:, None] * omega[None, :]
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
+
+
+def rope_split(head_dim):
+    """Real dims per axis (t, h, w): h = w = 2·(d//6), t takes the rest (128 -> 44/42/42)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid, head_dim, device, t_offset=0, theta=10000.0):
+    """cos, sin tables [L, 1, head_dim/2] (float32) for tokens in row-major (f, h, w) order.
+
+    Each axis of k real dims rotates adjacent pairs with ω_j = θ^(-2j/k) at integer positions
+    (the temporal axis starts at `t_offset`).
+    """
+    f, h, w = grid
+    angles = []
+    for k, n, start in zip(rope_split(head_dim), (f, h, w), (t_offset, 0, 0)):
+        omega = 1.0 / torch.pow(theta, torch.arange(0, k, 2, dtype=torch.float64) / k)
+        pos = torch.arange(start, start + n, dtype=torch.float64)
+        angles.append(torch.outer(pos, omega))
+    a_f, a_h, a_w = angles
+    full = torch.cat(
+        [
+            a_f[:, None, None, :].expand(f, h, w, -1),
+            a_h[None, :, None, :].expand(f, h, w, -1),
+            a_w[None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, head_dim // 2)
+    return torch.cos(full).float().to(device), torch.sin(full).float().to(device)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, L, H, D] (float32) by the tables [L, 1, D/2]."""
+    x = x.unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention blocks
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, heads, eps):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x, rope, backend):
+        b, n, _ = x.shape
+        dtype = x.dtype
+        cos, sin = rope
+        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim), cos, sin).to(dtype)
+        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim), cos, sin).to(dtype)
+        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        return self.o(attention(q, k, v, backend))
+
+
+class CrossAttention(nn.Module):
+    """Unmasked cross-attention to the text context; i2v/flf2v add a decoupled image branch:
+    out = o(Attn(q, k(text), v(text)) + λ·Attn(q, norm_k_img(k_img(img)), v_img(img)))."""
+
+    def __init__(self, dim, heads, eps, image=False):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.image = image
+        if image:
+            self.k_img = Linear(dim, dim)
+            self.v_img = Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x, context, context_img, image_strength, backend):
+        b, n, _ = x.shape
+        dtype = x.dtype
+        q = self.norm_q(self.q(x)).to(dtype).view(b, n, self.heads, self.head_dim)
+        k = self.norm_k(self.k(context)).to(dtype).view(b, -1, self.heads, self.head_dim)
+        v = self.v(context).view(b, -1, self.heads, self.head_dim)
+        out = attention(q, k, v, backend)
+        if self.image and context_img is not None and image_strength != 0:
+            k_img = self.norm_k_img(self.k_img(context_img)).to(dtype).view(b, -1, self.heads, self.head_dim)
+            v_img = self.v_img(context_img).view(b, -1, self.heads, self.head_dim)
+            img = attention(q, k_img, v_img, backend)
+            out = out + img if image_strength == 1 else out + img * image_strength
+        return self.o(out)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.heads, cfg.eps)
+        self.norm3 = LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(d, cfg.heads, cfg.eps, image=cfg.has_image)
+        self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend):
+        # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
+        shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        y = self.self_attn((self.norm1(x) * (1 + scale0) + shift0).to(dtype), rope, backend)
+        x = x + y * gate0
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img, image_strength, backend)
+        y = self.ffn((self.norm2(x) * (1 + scale1) + shift1).to(dtype))
+        return x + y * gate1
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
+        return self.head(self.norm(x) * (1 + scale) + shift)  # float32, as the reference
+
+
+class ImageEmbedding(nn.Module):
+    """img_emb: LayerNorm(1280) -> Linear -> GELU -> Linear(1280, D) -> LayerNorm(D) (+ emb_pos for flf2v)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        c = cfg.image_dim
+        self.proj = nn.Sequential(
+            LayerNorm(c), Linear(c, c), nn.GELU(), Linear(c, cfg.dim), LayerNorm(cfg.dim)
+        )
+        if cfg.model_type == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * cfg.image_tokens, c))
+
+    def forward(self, clip_fea, dtype):
+        if hasattr(self, "emb_pos"):
+            clip_fea = clip_fea.float() + self.emb_pos.float()
+        norm0, lin1, act, lin3, norm4 = self.proj
+        h = lin1(norm0(clip_fea).to(dtype))
+        h = lin3(act(h))
+        return norm4(h).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT. `forward(x, t, context, clip_fea=None, y=None, image_strength=1.0) -> velocity`."""
+
+    def __init__(self, config: WanConfig = None, attention_backend="sdpa", **kwargs):
+        super().__init__()
+        cfg = config if config is not None else WanConfig(**kwargs)
+        self.config = cfg
+        self.attention_backend = check_backend(attention_backend)
+        self.sinusoid_dtype = torch.float64
+        self.compute_dtype = None  # None: the dtype of the big weights (set by the loader)
+        d = cfg.dim
+        self.patch_embedding = PatchEmbed(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), Linear(d, d))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, d), nn.SiLU(), Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.layers)])
+        self.head = Head(cfg)
+        if cfg.has_image:
+            self.img_emb = ImageEmbedding(cfg)
+        self._rope_cache = {}
+
+    # -- dtype helpers (ComfyUI's ModelPatcher asks get_dtype()) --
+    @property
+    def dtype(self):
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        w = self.blocks[0].self_attn.q.weight if len(self.blocks) else self.head.head.weight
+        return w.dtype if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def get_dtype(self):
+        return self.dtype
+
+    @property
+    def device(self):
+        return self.head.head.weight.device
+
+    def _rope(self, grid, device, t_offset):
+        key = (tuple(grid), str(device), int(t_offset))
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            if len(self._rope_cache) > 8:
+                self._rope_cache.clear()
+            tables = rope_tables(grid, self.config.head_dim, device, t_offset)
+            self._rope_cache[key] = tables
+        return tables
+
+    def prepare_context(self, context):
+        """Text [B, L, text_dim] (or a list of [L_i, text_dim]) -> [B, 512, text_dim], zero-padded or truncated."""
+        cfg = self.config
+        items = list(context) if isinstance(context, (list, tuple)) else [c for c in context]
+        out = []
+        for c in items:
+            if c.ndim != 2 or c.shape[-1] != cfg.text_dim:
+                raise ValueError(
+                    f"text conditioning has width {c.shape[-1]} (shape {list(c.shape)}), but this Wan model "
+                    f"expects umT5-XXL embeddings of width {cfg.text_dim}: encode the prompt with "
+                    "CLIPLoader(type='wan', umt5_xxl) + CLIPTextEncode, not an SD/SDXL CLIP"
+                )
+            c = c[: cfg.text_len]
+            if c.shape[0] < cfg.text_len:
+                c = torch.cat([c, c.new_zeros(cfg.text_len - c.shape[0], c.shape[1])])
+            out.append(c)
+        return torch.stack(out)
+
+    def _check_inputs(self, x, clip_fea, y):
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be a video latent [B, C, F, H, W], got shape {list(x.shape)}")
+        if not cfg.has_image:
+            if y is not None or clip_fea is not None:
+                raise ValueError(
+                    "image conditioning (y / clip_fea) was given to a text-to-video Wan model; load an "
+                    "I2V or FLF2V checkpoint, or remove the image conditioning"
+                )
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            extra = (
+                " (an image-to-video model needs y = [mask 4 | condition latent 16] from an I2V conditioner)"
+                if cfg.has_image and y is None else ""
+            )
+            raise ValueError(
+                f"this Wan {cfg.model_type} model takes {cfg.in_dim} input channels but got {x.shape[1]}{extra}"
+            )
+        ph, pw = cfg.patch_size[1:]
+        if x.shape[3] % ph or x.shape[4] % pw or x.shape[2] % cfg.patch_size[0]:
+            raise ValueError(
+                f"latent size {list(x.shape[2:])} is not divisible by the patch size {list(cfg.patch_size)}; "
+                "use a width and height that are multiples of 16 pixels"
+            )
+        return x
+
+    def embed_image(self, clip_fea, batch, dtype):
+        cfg = self.config
+        if clip_fea.ndim != 3 or clip_fea.shape[-1] != cfg.image_dim:
+            raise ValueError(
+                f"CLIP vision features must be [B, 257, {cfg.image_dim}] (clip_vision_h penultimate hidden "
+                f"states), got shape {list(clip_fea.shape)}"
+            )
+        if cfg.model_type == "flf2v":
+            # both frames' features: [2B, 257, C] or already [B, 514, C]
+            clip_fea = clip_fea.reshape(-1, 2 * cfg.image_tokens, cfg.image_dim)
+        if clip_fea.shape[0] == 1 and batch > 1:
+            clip_fea = clip_fea.expand(batch, -1, -1)
+        if clip_fea.shape[0] != batch:
+            raise ValueError(f"CLIP features for {clip_fea.shape[0]} videos given with a batch of {batch}")
+        return self.img_emb(clip_fea.to(self.device), dtype)
+
+    def forward(self, x, t, context, clip_fea=None, y=None, image_strength=1.0, t_offset=0):
+        """x [B, 16 (or in_dim), F, H, W] normalised latent; t [B] timesteps in 0..1000; context [B, L, 4096]
+        (padded/truncated to 512 rows here); clip_fea [B, 257, 1280] (i2v) or [B, 514, 1280] / [2B, 257, 1280]
+        (flf2v); y [B, 20, F, H, W] = mask 4 + condition latent 16 (i2v/flf2v), concatenated after x;
+        image_strength λ scales the image branch (0 removes it); t_offset shifts the temporal RoPE positions.
+        Returns the velocity [B, 16, F, H, W] in float32."""
+        cfg = self.config
+        dtype = self.dtype
+        backend = self.attention_backend
+        x = self._check_inputs(x, clip_fea, y)
+        b = x.shape[0]
+        device = self.device
+
+        # patchify: tokens in row-major (f, h, w) order
+        x = self.patch_embedding(x.to(device, dtype))
+        grid = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2).float()  # float32 residual stream [B, L, D]
+        rope = self._rope(grid, device, t_offset)
+
+        # time: [cos, sin] sinusoid -> e [B, D] and e0 [B, 6, D], float32
+        t = torch.as_tensor(t, device=device)
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
+        if t.shape[0] != b:
+            raise ValueError(f"{t.shape[0]} timesteps given for a batch of {b}")
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim, self.sinusoid_dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+
+        # text: 512 zero-padded rows, unmasked
+        context = self.prepare_context(context).to(device, dtype)
+        if context.shape[0] == 1 and b > 1:
+            context = context.expand(b, -1, -1)
+        if context.shape[0] != b:
+            raise ValueError(f"text conditioning for {context.shape[0]} videos given with a batch of {b}")
+        context = self.text_embedding(context)
+
+        context_img = None
+        if cfg.has_image:
+            if clip_fea is not None and image_strength != 0:
+                context_img = self.embed_image(clip_fea, b, dtype)
+            elif clip_fea is None and image_strength != 0:
+                raise ValueError(
+                    f"this Wan {cfg.model_type} model needs CLIP vision features (clip_fea) of the input image(s); "
+                    "connect a CLIP vision output to the I2V conditioner, or set the image strength to 0"
+                )
+
+        for block in self.blocks:
+            x = block(x, e0, context, context_img, rope, image_strength, dtype, backend)
+
+        x = self.head(x, e)
+        return self.unpatchify(x, grid)
+
+    def unpatchify(self, x, grid):
+        """[B, L, pt·ph·pw·Co] -> [B, Co, F·pt, H·ph, W·pw]."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], c, f * pt, h * ph, w * pw)
+
+
+def build_model(config: WanConfig, device="meta", attention_backend="sdpa"):
+    """A WanDiT on `device` (meta: no memory, for `load_state_dict(assign=True)` or key-set checks)."""
+    with torch.device(device):
+        return WanDiT(config, attention_backend=attention_backend)

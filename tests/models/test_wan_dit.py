@@ -1,0 +1,244 @@
+"""WanDiT numerics: parity with diffusers' WanTransformer3DModel (identical random weights, every
+parameter randomised incl. the zero-initialised head), the reference formulas, and the I2V image branch."""
+import math
+
+import pytest
+import torch
+
+from models.wan import loading
+from models.wan.dit import WanConfig, WanDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_config(model_type="t2v", **kw):
+    base = dict(model_type=model_type, dim=64, ffn_dim=96, heads=2, layers=2,
+                in_dim=16 if model_type == "t2v" else 36, text_dim=32, freq_dim=16, image_dim=24, image_tokens=5)
+    base.update(kw)
+    return WanConfig(**base)
+
+
+def randomize(model, seed=0):
+    """Every parameter random (fan-in scaled so activations stay O(1)); nothing left at its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2 and "modulation" not in name and "emb_pos" not in name:
+                r = r / math.sqrt(math.prod(p.shape[1:]))
+            p.copy_(r)
+    return model
+
+
+def make_pair(model_type, seed=0):
+    cfg = tiny_config(model_type)
+    ours = randomize(WanDiT(cfg), seed).eval()
+    theirs = diffusers.WanTransformer3DModel(**loading.diffusers_config(cfg)).eval()
+    theirs.load_state_dict(loading.original_to_diffusers(ours.state_dict()), strict=True)
+    return cfg, ours, theirs
+
+
+def inputs(cfg, batch=2, frames=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, 4, 6, generator=g)
+    ctx = torch.randn(batch, 7, cfg.text_dim, generator=g)
+    y = clip = None
+    if cfg.has_image:
+        y = torch.randn(batch, 20, frames, 4, 6, generator=g)
+        n = cfg.image_tokens * (2 if cfg.model_type == "flf2v" else 1)
+        clip = torch.randn(batch, n, cfg.image_dim, generator=g)
+    return x, ctx, y, clip
+
+
+def run_diffusers(theirs, cfg, x, t, ctx, y, clip):
+    b = x.shape[0]
+    ctx = torch.cat([ctx, ctx.new_zeros(b, cfg.text_len - ctx.shape[1], ctx.shape[2])], 1)
+    xin = torch.cat([x, y], 1) if y is not None else x
+    img = None
+    if clip is not None:  # diffusers takes the two FLF frames as separate rows: [2B, 257, C]
+        img = clip.reshape(-1, cfg.image_tokens, cfg.image_dim)
+    with torch.no_grad():
+        return theirs(xin, t, ctx, encoder_hidden_states_image=img, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v", "flf2v"])
+def test_parity_with_diffusers_fp32(model_type):
+    cfg, ours, theirs = make_pair(model_type)
+    assert ours.head.head.weight.abs().min() > 0  # the zero-initialised head is random here
+    x, ctx, y, clip = inputs(cfg)
+    assert not torch.equal(x[:, :, 0], x[:, :, 1])  # frames differ: RoPE-t matters
+    t = torch.tensor([999.0, 317.0])
+    ours.sinusoid_dtype = torch.float32  # diffusers' sinusoid precision
+    with torch.no_grad():
+        a = ours(x, t, ctx, clip_fea=clip, y=y)
+    b = run_diffusers(theirs, cfg, x, t, ctx, y, clip)
+    assert a.shape == (2, 16, 3, 4, 6)
+    assert b.abs().max() > 1.0
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_float64_sinusoid_close_to_diffusers(model_type):
+    """The reference's float64 sinusoid differs from diffusers' float32 one by ~3e-5 at t=999; the whole
+    model stays within a matching tolerance (and is bit-equal at t=0 where the sinusoid is exact)."""
+    cfg, ours, theirs = make_pair(model_type, seed=3)
+    x, ctx, y, clip = inputs(cfg, seed=4)
+    assert ours.sinusoid_dtype == torch.float64
+    with torch.no_grad():
+        a = ours(x, torch.tensor([999.0, 999.0]), ctx, clip_fea=clip, y=y)
+        a0 = ours(x, torch.tensor([0.0, 0.0]), ctx, clip_fea=clip, y=y)
+    b = run_diffusers(theirs, cfg, x, torch.tensor([999.0, 999.0]), ctx, y, clip)
+    b0 = run_diffusers(theirs, cfg, x, torch.tensor([0.0, 0.0]), ctx, y, clip)
+    assert (a - b).abs().max().item() <= 1e-4
+    assert (a0 - b0).abs().max().item() <= 1e-5
+
+
+def test_sinusoid_formula():
+    t = torch.tensor([0.0, 1.0, 999.0])
+    got = sinusoidal_embedding(t, 256)
+    half = 128
+    for i, tv in enumerate(t.tolist()):
+        for j in (0, 1, 64, 127):
+            w = 10000.0 ** (-j / half)
+            assert abs(got[i, j].item() - math.cos(tv * w)) < 1e-6  # cos first
+            assert abs(got[i, half + j].item() - math.sin(tv * w)) < 1e-6
+
+
+def test_rope_split_and_tables():
+    assert rope_split(128) == (44, 42, 42)
+    assert rope_split(32) == (12, 10, 10)
+    assert sum(rope_split(96)) == 96
+    cos, sin = rope_tables((2, 3, 4), 128, "cpu")
+    assert cos.shape == (24, 1, 64)
+    # token (f=1, h=2, w=3) -> index 1*12 + 2*4 + 3; angles [ω_t·1 | ω_h·2 | ω_w·3], ω = 10000^(-2j/k)
+    idx = 1 * 12 + 2 * 4 + 3
+    for j, (pos, k, off) in [(0, (1, 44, 0)), (5, (1, 44, 0)), (22, (2, 42, 22)), (30, (2, 42, 22)), (43, (3, 42, 43)), (63, (3, 42, 43))]:
+        jj = j - off
+        ang = pos * 10000.0 ** (-2 * jj / k)
+        assert abs(cos[idx, 0, j].item() - math.cos(ang)) < 1e-6
+        assert abs(sin[idx, 0, j].item() - math.sin(ang)) < 1e-6
+    # temporal offset: frame f of an offset table == frame f + offset of a longer table
+    c_off, s_off = rope_tables((2, 3, 4), 128, "cpu", t_offset=5)
+    c_long, s_long = rope_tables((7, 3, 4), 128, "cpu")
+    assert torch.equal(c_off, c_long[5 * 12:])
+    assert torch.equal(s_off, s_long[5 * 12:])
+
+
+def test_rope_rotates_adjacent_pairs():
+    x = torch.randn(1, 3, 2, 8)
+    ang = torch.rand(3, 1, 4) * 6
+    out = apply_rope(x, ang.cos(), ang.sin())
+    z = torch.view_as_complex(x.reshape(1, 3, 2, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
+    assert torch.allclose(out, torch.view_as_real(z).flatten(-2), atol=1e-6)
+
+
+def test_temporal_offset_is_relative():
+    """RoPE is relative: shifting every token's temporal position leaves the output unchanged."""
+    cfg = tiny_config()
+    m = randomize(WanDiT(cfg), 5).eval()
+    x, ctx, _, _ = inputs(cfg)
+    with torch.no_grad():
+        a = m(x, torch.tensor([500.0, 10.0]), ctx)
+        b = m(x, torch.tensor([500.0, 10.0]), ctx, t_offset=7)
+    assert (a - b).abs().max().item() < 1e-4
+    assert not torch.equal(rope_tables((3, 2, 3), 32, "cpu", 7)[0], rope_tables((3, 2, 3), 32, "cpu", 0)[0])
+
+
+def test_context_padding_and_truncation():
+    cfg = tiny_config()
+    m = randomize(WanDiT(cfg), 6).eval()
+    x, ctx, _, _ = inputs(cfg, batch=1)
+    t = torch.tensor([600.0])
+    padded = torch.cat([ctx, torch.zeros(1, 512 - ctx.shape[1], cfg.text_dim)], 1)
+    longer = torch.cat([padded, torch.randn(1, 40, cfg.text_dim)], 1)  # rows past 512 are dropped
+    with torch.no_grad():
+        a = m(x, t, ctx)
+        b = m(x, t, padded)
+        c = m(x, t, longer)
+        d = m(x, t, [ctx[0]])
+        e = m(x, t, ctx[:, :3])
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    assert not torch.allclose(a, e)  # the text really conditions the output
+    with pytest.raises(ValueError, match="width 768.*umT5"):
+        m(x, t, torch.randn(1, 77, 768))
+
+
+def test_batch_matches_single():
+    cfg = tiny_config("i2v")
+    m = randomize(WanDiT(cfg), 7).eval()
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([900.0, 100.0])
+    with torch.no_grad():
+        both = m(x, t, ctx, clip_fea=clip, y=y)
+        one = m(x[1:], t[1:], ctx[1:], clip_fea=clip[1:], y=y[1:])
+    assert (both[1:] - one).abs().max().item() < 1e-5
+
+
+def test_image_strength_zero_removes_image_branch():
+    cfg = tiny_config("i2v")
+    m = randomize(WanDiT(cfg), 8).eval()
+    # the same weights without any image part: a t2v-type model taking the 36 channels
+    plain = WanDiT(tiny_config("t2v", in_dim=36)).eval()
+    own = m.state_dict()
+    plain_sd = {k: own[k] for k in plain.state_dict()}
+    assert len(plain_sd) < len(own)
+    plain.load_state_dict(plain_sd, strict=True)
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([999.0, 400.0])
+    with torch.no_grad():
+        zero = m(x, t, ctx, clip_fea=clip, y=y, image_strength=0.0)
+        zero_noclip = m(x, t, ctx, clip_fea=None, y=y, image_strength=0.0)
+        ref = plain(torch.cat([x, y], 1), t, ctx)
+        one = m(x, t, ctx, clip_fea=clip, y=y)
+        one_explicit = m(x, t, ctx, clip_fea=clip, y=y, image_strength=1.0)
+        half = m(x, t, ctx, clip_fea=clip, y=y, image_strength=0.5)
+    assert torch.equal(zero, ref)
+    assert torch.equal(zero_noclip, ref)
+    assert torch.equal(one, one_explicit)
+    assert (one - zero).abs().max() > 1e-3
+    assert (half - zero).abs().max() > 1e-4 and (half - one).abs().max() > 1e-4
+
+
+def test_flf2v_accepts_both_clip_layouts():
+    cfg = tiny_config("flf2v")
+    m = randomize(WanDiT(cfg), 9).eval()
+    x, ctx, y, clip = inputs(cfg)  # clip [B, 10, C]
+    t = torch.tensor([999.0, 999.0])
+    with torch.no_grad():
+        a = m(x, t, ctx, clip_fea=clip, y=y)
+        b = m(x, t, ctx, clip_fea=clip.reshape(4, 5, cfg.image_dim), y=y)
+    assert torch.equal(a, b)
+
+
+def test_clear_errors_for_wrong_conditioning():
+    t2v = randomize(WanDiT(tiny_config()), 10).eval()
+    i2v = randomize(WanDiT(tiny_config("i2v")), 11).eval()
+    x, ctx, _, _ = inputs(tiny_config(), batch=1)
+    y = torch.randn(1, 20, 3, 4, 6)
+    t = torch.tensor([500.0])
+    with pytest.raises(ValueError, match="text-to-video"):
+        t2v(x, t, ctx, y=y)
+    with pytest.raises(ValueError, match="36 input channels"):
+        i2v(x, t, ctx, clip_fea=torch.randn(1, 5, 24))
+    with pytest.raises(ValueError, match="CLIP vision features"):
+        i2v(x, t, ctx, y=y)
+    with pytest.raises(ValueError, match="CLIP vision features must be"):
+        i2v(x, t, ctx, y=y, clip_fea=torch.randn(1, 5, 1024))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        t2v(torch.randn(1, 16, 3, 5, 6), t, ctx)
+
+
+def test_bf16_compute_close_to_fp32():
+    cfg = tiny_config()
+    m = randomize(WanDiT(cfg), 12).eval()
+    x, ctx, _, _ = inputs(cfg)
+    t = torch.tensor([999.0, 250.0])
+    with torch.no_grad():
+        ref = m(x, t, ctx)
+        m16 = WanDiT(cfg).eval()
+        m16.load_state_dict({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, assign=True)
+        m16.compute_dtype = torch.bfloat16
+        out = m16(x, t, ctx)
+    assert out.dtype == torch.float32
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.05
