@@ -132,3 +132,12 @@ def save_path(prefix, width=0, height=0):
 
 def no_grad():
     return torch.inference_mode()
+
+
+def metadata_disabled():
+    """True when ComfyUI was started with --disable-metadata (savers then embed no prompt/workflow)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    return bool(getattr(args, "disable_metadata", False))
