@@ -365,3 +365,67 @@ def test_dtype_and_device_casting():
     assert out.dtype == torch.float32
     ref = m.to(torch.float32)(x, 4)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: version detection on manifest-shaped files (one-element storages expanded to the real shapes,
+# so a full-size file takes a few hundred kB), nested state_dict, and the errors for other files.
+
+from models.animatediff import loading  # noqa: E402
+from models.checkpoints import CheckpointError  # noqa: E402
+
+
+def manifest_state(version, drop_pe=False):
+    one = torch.zeros(1, dtype=torch.float16)
+    out = {}
+    for k, shape in load_manifest(version)["keys"].items():
+        if drop_pe and k.endswith(".pe"):
+            continue
+        out[k] = one.expand(*shape)
+    return out
+
+
+@pytest.mark.parametrize("version,expected,has_mid,pe", [(1, "v1", False, 24), (2, "v2", True, 32), (3, "v3", False, 32)])
+def test_version_detection_from_files(tmp_path, version, expected, has_mid, pe):
+    path = tmp_path / f"mm_v{version}.ckpt"
+    torch.save({"state_dict": manifest_state(version), "global_step": 0}, str(path))
+    assert path.stat().st_size < 5_000_000
+    f = loading.load_motion_module(path)
+    assert (f.version, f.has_mid, f.pe_length) == (expected, has_mid, pe)
+    assert len(list(f.modules.named_motion_modules())) == (21 if has_mid else 20)
+
+
+def test_animatelcm_style_rebuilds_the_sinusoid():
+    f = loading.build_from_state_dict(manifest_state(3, drop_pe=True), "AnimateLCM_sd15_t2v.ckpt")
+    assert f.version.startswith("AnimateLCM") and f.pe_length == 32 and not f.has_mid
+    pe = f.modules.down_blocks[1].motion_modules[0].temporal_transformer.transformer_blocks[0].attention_blocks[1].pos_encoder.pe
+    assert pe.device.type == "cpu" and torch.equal(pe, mm.sinusoidal_encoding(32, 640))
+
+
+def test_loading_errors(tmp_path):
+    # MotionLoRA picked in the wrong loader
+    lora = {"down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora.down.weight": torch.zeros(2, 320),
+            "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora.up.weight": torch.zeros(320, 2)}
+    with pytest.raises(CheckpointError, match="this is a MotionLoRA, use CVG Load MotionLoRA"):
+        loading.build_from_state_dict(lora, "v2_lora_ZoomIn.ckpt")
+    # an SD checkpoint
+    with pytest.raises(CheckpointError, match="Stable Diffusion checkpoint"):
+        loading.build_from_state_dict({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "sd15.safetensors")
+    # HotShot-XL
+    hs = {"down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.positional_encoding": torch.zeros(1, 24, 320)}
+    with pytest.raises(CheckpointError, match="SDXL motion module"):
+        loading.build_from_state_dict(hs, "hsxl_temporal_layers.safetensors")
+    # unrelated tensors
+    with pytest.raises(CheckpointError, match="no 'down_blocks.N.motion_modules.M.' keys"):
+        loading.build_from_state_dict({"foo.weight": torch.zeros(1)}, "foo.ckpt")
+    # a module with a key missing (truncated state)
+    state = manifest_state(2)
+    state.pop("up_blocks.3.motion_modules.2.temporal_transformer.proj_out.bias")
+    with pytest.raises(CheckpointError, match="1 missing"):
+        loading.build_from_state_dict(state, "cut.ckpt")
+    # a truncated file on disk
+    path = tmp_path / "mm.ckpt"
+    torch.save(manifest_state(1), str(path))
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        loading.load_motion_module(tmp_path / "cut.ckpt")
