@@ -452,3 +452,66 @@ def generate_long(plan, sample_segment, decode, emit, given_frames=None, color_a
         if progress is not None:
             progress(s.index + 1, len(plan))
     return results
+
+
+# ------------------------------------------------------------------------- Wan velocity functions
+
+def _pad_rows(ctxs):
+    rows = max(c.shape[1] for c in ctxs)
+    out = []
+    for c in ctxs:
+        if c.shape[1] < rows:
+            c = torch.cat([c, c.new_zeros(c.shape[0], rows - c.shape[1], c.shape[2])], dim=1)
+        out.append(c)
+    return torch.cat(out, dim=0)
+
+
+def wan_velocity_fn(model, context, neg_context=None, cfg_scale=5.0, y=None, clip_fea=None, image_strength=1.0,
+                    frame_guidance=0.0, substitution=None, batched=False):
+    """velocity_fn(x, σ) for a Wan DiT with text CFG, frame guidance and either conditioning mechanism.
+
+    ``model(x, t, context, clip_fea=None, y=None, image_strength=1.0) -> v`` (``WanDiT.forward``); ``t`` is
+    the integer timestep of σ (:func:`models.sampling.timestep`). Passes:
+      cond         = model(sub(x), ctx+,  y)        text and frames
+      text_uncond  = model(sub(x), ctx−,  y)        negative prompt, frames kept (the usual CFG pass)
+      frame_uncond = model(x,      ctx+,  zeros(y)) frames dropped: mask 0, no condition latent,
+                                                    no substitution (CLIP image tokens are kept)
+    combined as v = v_tu + g·(v_c − v_tu) + w·(v_c − v_fu) (:func:`guided_velocity_fn`); w = 0 skips the
+    frame_uncond pass, g = 1 the text_uncond pass. ``batched`` stacks the needed passes in one forward
+    (context rows zero-padded to a common length, which the DiT pads to 512 with zeros anyway)."""
+    if frame_guidance and y is None and substitution is None:
+        raise ValueError("frame guidance needs a frame condition (an I2V condition or known frames to substitute)")
+    y_unc = frame_unconditional_y(y) if y is not None else None
+
+    def t_of(x, sigma):
+        return torch.full((x.shape[0],), sampling.timestep(sigma), dtype=torch.int64)
+
+    def inputs(name, x, sigma):
+        if name == "frame_uncond":
+            return x, context, y_unc
+        xin = substitution.apply(x, sigma) if substitution is not None else x
+        return xin, (context if name == "cond" else neg_context), y
+
+    def single(name):
+        def fn(x, sigma):
+            xin, ctx, yy = inputs(name, x, sigma)
+            return model(xin, t_of(x, sigma), ctx, clip_fea=clip_fea, y=yy, image_strength=image_strength).float()
+        return fn
+
+    def run_batched(x, sigma, names):
+        parts = [inputs(n, x, sigma) for n in names]
+        xb = torch.cat([p[0] for p in parts], dim=0)
+        ctx = _pad_rows([p[1] for p in parts])
+        yb = torch.cat([p[2] for p in parts], dim=0) if y is not None else None
+        cf = None
+        if clip_fea is not None:
+            cf = clip_fea.repeat(len(names), 1, 1) if clip_fea.shape[0] == x.shape[0] else clip_fea
+        v = model(xb, t_of(xb, sigma), ctx, clip_fea=cf, y=yb, image_strength=image_strength).float()
+        return dict(zip(names, v.chunk(len(names), dim=0)))
+
+    need_tu = cfg_scale != 1.0
+    if need_tu and neg_context is None:
+        raise ValueError("cfg != 1 needs a negative conditioning")
+    return guided_velocity_fn(single("cond"), single("text_uncond") if need_tu else None,
+                              single("frame_uncond") if frame_guidance else None,
+                              g=cfg_scale, w=frame_guidance, batched=run_batched if batched else None)

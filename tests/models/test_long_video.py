@@ -289,3 +289,48 @@ def test_metrics_hook_reports_seam_error():
     assert math.isnan(got[0].seam_error)
     assert abs(got[1].seam_error - 0.1) < 1e-6 and abs(got[2].seam_error - 0.1) < 1e-6
     assert len(got[1].lab_mean) == 3
+
+
+# ---------------------------------------------------------------------- Wan velocity function
+
+class FakeDiT:
+    """Records every forward; the velocity depends on the input, text, y and t so mistakes show."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, context, clip_fea=None, y=None, image_strength=1.0):
+        self.calls.append({"x": x.clone(), "t": t.clone(), "ctx": context.clone(), "y": None if y is None else y.clone(),
+                           "batch": x.shape[0]})
+        text = context.sum(dim=(1, 2)) / 16.0  # like the DiT: rows zero-padded to a fixed length
+        v = torch.tanh(x) + text.view(-1, 1, 1, 1, 1) + t.view(-1, 1, 1, 1, 1) * 1e-3
+        if y is not None:
+            v = v + y.mean(dim=1, keepdim=True)
+        return v
+
+
+@pytest.mark.parametrize("use_y", [True, False])
+def test_wan_velocity_passes_and_batched_equivalence(use_y):
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 3, 2, 2)
+    pos, neg = torch.randn(1, 7, 8), torch.randn(1, 5, 8)
+    y = torch.randn(1, 20, 3, 2, 2) if use_y else None
+    sub = None if use_y else LV.FrameSubstitution(torch.randn(1, 16, 3, 2, 2), [0], level=0.1, noise=torch.randn(1, 16, 3, 2, 2))
+    model = FakeDiT()
+    fn = LV.wan_velocity_fn(model, pos, neg, cfg_scale=4.0, y=y, frame_guidance=0.5, substitution=sub)
+    v = fn(x, 0.5)
+    assert len(model.calls) == 3
+    c, tu, fu = model.calls
+    assert int(c["t"][0]) == sampling.timestep(0.5) == 500
+    assert torch.equal(c["ctx"], pos) and torch.equal(tu["ctx"], neg) and torch.equal(fu["ctx"], pos)
+    if use_y:
+        assert torch.equal(c["y"], y) and torch.equal(tu["y"], y) and torch.all(fu["y"] == 0)
+    else:
+        assert torch.equal(c["x"], sub.apply(x, 0.5)) and torch.equal(fu["x"], x)
+    model.calls.clear()
+    vb = LV.wan_velocity_fn(model, pos, neg, cfg_scale=4.0, y=y, frame_guidance=0.5, substitution=sub, batched=True)(x, 0.5)
+    assert len(model.calls) == 1 and model.calls[0]["batch"] == 3
+    assert torch.allclose(v, vb, atol=1e-6)
+    model.calls.clear()
+    LV.wan_velocity_fn(model, pos, neg, cfg_scale=4.0, y=y, frame_guidance=0.0, substitution=sub)(x, 0.5)
+    assert len(model.calls) == 2  # w = 0: no frame-unconditional pass
