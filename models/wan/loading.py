@@ -287,9 +287,10 @@ _FP8 = tuple(d for d in (WEIGHT_DTYPES["fp8_e4m3fn"], WEIGHT_DTYPES["fp8_e5m2"])
 
 
 def _low_precision_ok(name, ndim):
-    """Which tensors may be stored in fp8: the 2-D weights of the linear layers inside the blocks (and
-    the text/time embeddings), like the released fp8 files; norms, biases, modulations stay higher."""
-    return ndim == 2 and name.endswith(".weight") and name.startswith(("blocks.", "text_embedding.", "img_emb.proj.1", "img_emb.proj.3"))
+    """Which tensors may be stored in a low-precision weight dtype: the 2-D weights of the linear layers
+    inside the blocks (95% of the parameters); embeddings, norms, biases and modulations stay in the
+    compute dtype."""
+    return ndim == 2 and name.endswith(".weight") and name.startswith("blocks.")
 
 
 def inspect(path):
@@ -308,7 +309,17 @@ def inspect(path):
         )
     if "scaled_fp8" in names or any(n.endswith(".scale_weight") for n in names):
         layout += ", scaled fp8"
-    return detect_config({k: src.shapes[v] for k, v in names.items()}), layout, names, src
+    cfg = detect_config({k: src.shapes[v] for k, v in names.items()})
+    # the head count is not visible in the weights (q/k norms span all heads): released models use
+    # head_dim 128; a diffusers config.json, where present, says it explicitly.
+    try:
+        dconf = checkpoints.read_config(os.fspath(path)) or {}
+    except Exception:
+        dconf = {}
+    heads = dconf.get("num_attention_heads")
+    if isinstance(heads, int) and heads > 0 and cfg.dim % heads == 0 and heads != cfg.heads:
+        cfg = WanConfig(**{**cfg.to_dict(), "heads": heads})
+    return cfg, layout, names, src
 
 
 def load_wan_dit(path, device="cpu", dtype=torch.bfloat16, weight_dtype=None, attention_backend="sdpa",
