@@ -1,0 +1,292 @@
+// CVG canvas helpers. Dependency-free; classic app.registerExtension API, which both the current
+// ComfyUI frontend and the March-2024 frontend support.
+//  * CVG Save Video / CVG Decode To Video: the saved video plays inside the node (<video>, muted, looping).
+//  * CVG Load Video: an upload button and a preview of the selected file.
+//  * Frame-count widgets of CVG nodes show the latent frame count, and a warning when the count is not 4k+1.
+//  * Right-click a CVG video node: "Open video in a new tab".
+import { app } from "../../scripts/app.js";
+
+const EXT = "comfyui-cvg.canvas";
+const SAVERS = new Set(["CVGSaveVideo", "CVGDecodeToVideo"]);
+const LOADER = "CVGLoadVideo";
+// Widgets holding a pixel frame count that the Wan VAE maps exactly only when it is 4k+1.
+const FRAME_WIDGETS = new Set(["length", "num_frames", "frames", "frame_count", "video_length", "frame_cap"]);
+const VIDEO_EXT = /\.(mp4|webm|mov|m4v|ogv)$/i;
+const IMAGE_EXT = /\.(gif|webp|png)$/i;
+
+function viewUrl(entry) {
+  const q = new URLSearchParams({
+    filename: entry.filename,
+    subfolder: entry.subfolder || "",
+    type: entry.type || "output",
+    rand: String(Math.random()),
+  });
+  // Relative, so it also works when ComfyUI is served under a sub-path.
+  return "view?" + q.toString();
+}
+
+function splitName(value) {
+  let type = "input";
+  let name = String(value || "");
+  const m = name.match(/^(.*) \[(input|output|temp)\]$/);
+  if (m) {
+    name = m[1];
+    type = m[2];
+  }
+  const slash = name.lastIndexOf("/");
+  return {
+    filename: slash >= 0 ? name.slice(slash + 1) : name,
+    subfolder: slash >= 0 ? name.slice(0, slash) : "",
+    type,
+  };
+}
+
+// ------------------------------------------------------------------------------------------ preview
+
+function ensurePreview(node) {
+  if (node.cvgPreview) return node.cvgPreview;
+  const box = document.createElement("div");
+  box.className = "cvg-preview";
+  Object.assign(box.style, { width: "100%", height: "100%", display: "flex", alignItems: "center",
+    justifyContent: "center", overflow: "hidden" });
+  const video = document.createElement("video");
+  video.className = "cvg-video-preview";
+  Object.assign(video, { muted: true, loop: true, autoplay: true, controls: true, playsInline: true });
+  video.setAttribute("muted", "");
+  Object.assign(video.style, { maxWidth: "100%", maxHeight: "100%", width: "100%", objectFit: "contain" });
+  const img = document.createElement("img");
+  img.className = "cvg-image-preview";
+  Object.assign(img.style, { maxWidth: "100%", maxHeight: "100%", objectFit: "contain", display: "none" });
+  const note = document.createElement("div");
+  note.className = "cvg-preview-note";
+  Object.assign(note.style, { fontSize: "11px", opacity: "0.8", textAlign: "center", display: "none" });
+  box.append(video, img, note);
+  let aspect = 9 / 16;
+  const height = () => Math.max(64, Math.round((node.size?.[0] ?? 256) * aspect));
+  const widget = node.addDOMWidget("cvg_preview", "cvg_preview", box, {
+    serialize: false,
+    hideOnZoom: false,
+    getMinHeight: height,
+    getHeight: height,
+    getMaxHeight: () => height() + 8,
+  });
+  widget.serialize = false;
+  const fit = (w, h) => {
+    if (w > 0 && h > 0) aspect = h / w;
+    const size = node.computeSize?.() ?? node.size;
+    node.setSize?.([Math.max(node.size[0], size[0]), size[1]]);
+    node.graph?.setDirtyCanvas(true, true);
+  };
+  video.addEventListener("loadedmetadata", () => fit(video.videoWidth, video.videoHeight));
+  img.addEventListener("load", () => fit(img.naturalWidth, img.naturalHeight));
+  video.addEventListener("error", () => {
+    if (!video.getAttribute("src")) return;
+    video.style.display = "none";
+    note.style.display = "";
+    note.textContent = "This browser cannot play the preview; the file was saved.";
+  });
+  node.cvgPreview = { box, video, img, note, widget };
+  return node.cvgPreview;
+}
+
+function showMedia(node, entry) {
+  const p = ensurePreview(node);
+  const url = viewUrl(entry);
+  node.cvgLastUrl = url;
+  const isVideo = (entry.mime && entry.mime.startsWith("video/")) || VIDEO_EXT.test(entry.filename);
+  const isImage = (entry.mime && entry.mime.startsWith("image/")) || IMAGE_EXT.test(entry.filename);
+  p.note.style.display = "none";
+  if (isVideo && entry.playable !== false) {
+    p.img.style.display = "none";
+    p.img.removeAttribute("src");
+    p.video.style.display = "";
+    p.video.src = url;
+    p.video.play?.().catch(() => {});
+  } else if (isImage) {
+    p.video.pause?.();
+    p.video.removeAttribute("src");
+    p.video.style.display = "none";
+    p.img.style.display = "";
+    p.img.src = url;
+  } else {
+    p.video.removeAttribute("src");
+    p.video.style.display = "none";
+    p.img.style.display = "none";
+    p.note.style.display = "";
+    const what = entry.format ? `${entry.format} ` : "";
+    p.note.textContent = `Saved ${what}${entry.subfolder ? entry.subfolder + "/" : ""}${entry.filename}` +
+      (entry.frames ? ` (${entry.frames} frames)` : "") + " — browsers cannot preview this format.";
+  }
+}
+
+// ----------------------------------------------------------------------------------- frame counts
+
+export function frameHint(n) {
+  n = Math.round(Number(n));
+  if (!Number.isFinite(n) || n <= 0) return "";
+  if ((n - 1) % 4 === 0) return `${Math.floor((n - 1) / 4) + 1} latent`;
+  const lower = Math.max(1, Math.floor((n - 1) / 4) * 4 + 1);
+  return `⚠ not 4k+1: use ${lower} or ${lower + 4}`;
+}
+
+function attachFrameHint(node, widget) {
+  if (widget.cvgHint) return;
+  widget.cvgHint = true;
+  const base = widget.label || widget.name;
+  const update = () => {
+    const hint = frameHint(widget.value);
+    const label = hint ? `${base} (${hint})` : base;
+    widget.label = label;
+    widget.cvgHintText = hint;
+    node.graph?.setDirtyCanvas(true, false);
+  };
+  const cb = widget.callback;
+  widget.callback = function () {
+    const r = cb?.apply(this, arguments);
+    update();
+    return r;
+  };
+  update();
+  node.cvgHintUpdaters = (node.cvgHintUpdaters || []).concat(update);
+}
+
+function isFrameWidget(nodeData, widget) {
+  if (!widget || widget.type !== "number" || !FRAME_WIDGETS.has(widget.name)) return false;
+  const spec = nodeData?.input?.required?.[widget.name] ?? nodeData?.input?.optional?.[widget.name];
+  const opts = spec?.[1] ?? {};
+  if (opts.cvg_4k1 === false) return false;
+  if (opts.cvg_4k1 === true) return true;
+  // AnimateDiff context lengths are not Wan frame counts.
+  return !String(nodeData?.category || "").toLowerCase().includes("animatediff");
+}
+
+// --------------------------------------------------------------------------------------- uploads
+
+async function uploadVideo(node, file) {
+  const body = new FormData();
+  body.append("image", file, file.name);
+  const resp = await fetch("upload/image", { method: "POST", body });
+  if (resp.status !== 200) throw new Error(`upload failed: HTTP ${resp.status} ${resp.statusText}`);
+  const data = await resp.json();
+  const name = data.subfolder ? `${data.subfolder}/${data.name}` : data.name;
+  const combo = node.widgets?.find((w) => w.name === "video");
+  if (combo) {
+    const values = combo.options?.values;
+    if (Array.isArray(values) && !values.includes(name)) values.push(name);
+    combo.value = name;
+    combo.callback?.(name);
+  }
+  return name;
+}
+
+function addUploadButton(node) {
+  const input = document.createElement("input");
+  Object.assign(input, { type: "file", accept: "video/*,image/gif,image/webp,.mkv" });
+  input.style.display = "none";
+  input.className = "cvg-upload-input";
+  document.body.append(input);
+  input.addEventListener("change", async () => {
+    if (!input.files?.length) return;
+    try {
+      await uploadVideo(node, input.files[0]);
+    } catch (e) {
+      console.warn(`[${EXT}]`, e);
+      alert?.(`CVG Load Video: ${e.message}`);
+    } finally {
+      input.value = "";
+    }
+  });
+  const btn = node.addWidget("button", "choose video to upload", "video", () => input.click());
+  btn.serialize = false;
+  const removed = node.onRemoved;
+  node.onRemoved = function () {
+    input.remove();
+    return removed?.apply(this, arguments);
+  };
+}
+
+function previewSelected(node) {
+  const combo = node.widgets?.find((w) => w.name === "video");
+  if (!combo?.value) return;
+  const entry = splitName(combo.value);
+  entry.playable = VIDEO_EXT.test(entry.filename) && !/\.mkv$/i.test(entry.filename);
+  showMedia(node, entry);
+}
+
+// ------------------------------------------------------------------------------------- extension
+
+app.registerExtension({
+  name: EXT,
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!nodeData?.name?.startsWith("CVG")) return;
+    const name = nodeData.name;
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      try {
+        for (const w of this.widgets || []) if (isFrameWidget(nodeData, w)) attachFrameHint(this, w);
+        if (name === LOADER) {
+          addUploadButton(this);
+          const combo = this.widgets?.find((w) => w.name === "video");
+          if (combo) {
+            const cb = combo.callback;
+            combo.callback = (...args) => {
+              const out = cb?.apply(combo, args);
+              previewSelected(this);
+              return out;
+            };
+          }
+          requestAnimationFrame(() => previewSelected(this));
+        }
+      } catch (e) {
+        console.warn(`[${EXT}] could not set up ${name}:`, e);
+      }
+      return r;
+    };
+
+    // Widget values restored from a saved workflow do not fire callbacks: refresh the hints.
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const r = onConfigure?.apply(this, arguments);
+      for (const u of this.cvgHintUpdaters || []) u();
+      if (name === LOADER) requestAnimationFrame(() => previewSelected(this));
+      return r;
+    };
+
+    if (SAVERS.has(name)) {
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const r = onExecuted?.apply(this, arguments);
+        const entry = message?.cvg_video?.[message.cvg_video.length - 1];
+        if (entry) {
+          try {
+            showMedia(this, entry);
+          } catch (e) {
+            console.warn(`[${EXT}] preview failed:`, e);
+          }
+        }
+        return r;
+      };
+    }
+
+    if (SAVERS.has(name) || name === LOADER) {
+      const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
+      nodeType.prototype.getExtraMenuOptions = function (_, options) {
+        const r = getExtraMenuOptions?.apply(this, arguments);
+        if (this.cvgLastUrl && Array.isArray(options)) {
+          options.unshift({ content: "Open video in a new tab", callback: () => window.open(this.cvgLastUrl, "_blank") });
+        }
+        return r;
+      };
+    }
+  },
+
+  async afterConfigureGraph(missingNodeTypes) {
+    const missing = (missingNodeTypes || []).map((t) => (typeof t === "string" ? t : t?.type)).filter(Boolean);
+    const cvg = missing.filter((t) => String(t).startsWith("CVG"));
+    window.__cvgMissing = cvg;
+    if (cvg.length) console.warn(`[${EXT}] this workflow needs CVG nodes this server does not have:`, cvg.join(", "));
+  },
+});
