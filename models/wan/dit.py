@@ -334,7 +334,13 @@ class WanDiT(nn.Module):
 
     @property
     def device(self):
+        """Where the weights are (read from them; ComfyUI's ModelPatcher assigns `.device`, which is kept
+        only as a note so the two can never disagree)."""
         return self.head.head.weight.device
+
+    @device.setter
+    def device(self, value):
+        self.__dict__["_device_note"] = value
 
     def _rope(self, grid, device, t_offset):
         key = (tuple(grid), str(device), int(t_offset))
@@ -375,7 +381,7 @@ class WanDiT(nn.Module):
                     "I2V or FLF2V checkpoint, or remove the image conditioning"
                 )
         if y is not None:
-            x = torch.cat([x, y.to(x.dtype)], dim=1)
+            x = torch.cat([x, y.to(x.device, x.dtype)], dim=1)
         if x.shape[1] != cfg.in_dim:
             extra = (
                 " (an image-to-video model needs y = [mask 4 | condition latent 16] from an I2V conditioner)"

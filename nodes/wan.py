@@ -1,0 +1,226 @@
+"""Wan2.1 DiT nodes: CVG Load Wan Model, CVG Empty Video Latent, CVG Load Text Embeds, CVG Sampler.
+
+Thin adapters: the model is models/wan/dit.py, loading models/wan/loading.py, the sampling loop
+models/wan/pipeline.py (shared with the I2V and long-video nodes).
+"""
+import os
+
+import torch
+
+from ..models import conditioning
+from ..models import checkpoints
+from ..models import sampling
+from ..models.attention import BACKENDS
+from ..models.wan import latent as wan_latent
+from ..models.wan import loading, pipeline
+from . import comfy_bridge
+
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32"]
+COMPUTE_DTYPES = ["auto", "bf16", "fp16", "fp32"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _compute_dtype(name, device):
+    if name != "auto":
+        return _DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class CVGLoadWanModel:
+    DESCRIPTION = (
+        "Loads a Wan2.1 diffusion model (T2V-1.3B/14B, I2V-14B, FLF2V-14B; detected from the file) from the "
+        "diffusion_models folder: original Wan-AI files, ComfyUI repackaged files (fp16/bf16/fp8, scaled fp8) "
+        "and diffusers folders (*.index.json). weight_dtype is how the weights are kept in memory ('default': "
+        "as the file for fp8 files, the compute dtype otherwise; fp8 halves memory and is upcast per layer). "
+        "attention: 'sdpa' (PyTorch, always available) or flash_attn / sageattention when installed."
+    )
+    CATEGORY = "CVG/wan"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CVG_WAN",)
+    RETURN_NAMES = ("model",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (comfy_bridge.model_files("diffusion_models"),),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
+                "attention": (list(BACKENDS), {"default": "sdpa"}),
+            },
+            "optional": {
+                "compute_dtype": (COMPUTE_DTYPES, {"default": "auto"}),
+            },
+        }
+
+    def load(self, model_name, weight_dtype, attention, compute_dtype="auto"):
+        path = comfy_bridge.model_path("diffusion_models", model_name)
+        load_device = comfy_bridge.torch_device()
+        dtype = _compute_dtype(compute_dtype, load_device)
+        wd = None if weight_dtype == "default" else weight_dtype
+        try:
+            model = loading.load_wan_dit(path, device=comfy_bridge.offload_device(), dtype=dtype, weight_dtype=wd,
+                                         attention_backend=attention)
+        except checkpoints.CheckpointError as e:
+            raise ValueError(f"CVG Load Wan Model: {e}") from e
+        return (comfy_bridge.wrap_model(model, load_device=load_device),)
+
+
+class CVGEmptyVideoLatent:
+    DESCRIPTION = ("An empty Wan video LATENT (raw VAE space zeros) of [batch, 16, (length-1)/4+1, height/8, "
+                   "width/8]; length must be 4k+1 (81 = 5 s at 16 fps).")
+    CATEGORY = "CVG/wan"
+    FUNCTION = "generate"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "width": ("INT", {"default": 832, "min": 16, "max": 8192, "step": 16}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 8192, "step": 16}),
+                "length": ("INT", {"default": 81, "min": 1, "max": 8193, "step": 4}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            }
+        }
+
+    def generate(self, width, height, length, batch_size):
+        if width % 16 or height % 16:
+            raise ValueError(f"width and height must be multiples of 16 (got {width}×{height}); e.g. 832×480")
+        wan_latent.check_frame_count(length, "length")
+        shape = (batch_size, wan_latent.LATENT_CHANNELS, wan_latent.latent_frames(length),
+                 height // wan_latent.SPATIAL_STRIDE, width // wan_latent.SPATIAL_STRIDE)
+        return ({"samples": torch.zeros(shape, device=comfy_bridge.intermediate_device())},)
+
+
+def _embed_files():
+    folder = comfy_bridge.input_directory()
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+class CVGLoadTextEmbeds:
+    DESCRIPTION = (
+        "Loads precomputed text embeddings (e.g. umT5-XXL outputs [L, 4096] or [1, L, 4096]) from a "
+        ".safetensors file in ComfyUI's input folder as CONDITIONING, for CVG Sampler. The file holds one "
+        "tensor (or one named 'text_embeds'). Use it to reuse prompts without loading the 11 GB text encoder."
+    )
+    CATEGORY = "CVG/wan"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"embeds": (_embed_files(),)}}
+
+    def load(self, embeds):
+        path = os.path.join(comfy_bridge.input_directory(), embeds)
+        state = checkpoints.read_state_dict(path)
+        if "text_embeds" in state:
+            t = state["text_embeds"]
+        elif len(state) == 1:
+            t = next(iter(state.values()))
+        else:
+            raise ValueError(f"{embeds!r} holds {len(state)} tensors; expected one (or one named 'text_embeds')")
+        if t.ndim == 2:
+            t = t[None]
+        if t.ndim != 3:
+            raise ValueError(f"{embeds!r}: text embeddings must be [L, D] or [B, L, D], found {list(t.shape)}")
+        return ([[t.float(), {}]],)
+
+    @classmethod
+    def IS_CHANGED(cls, embeds):
+        path = os.path.join(comfy_bridge.input_directory(), embeds)
+        return os.path.getmtime(path) if os.path.exists(path) else ""
+
+
+def _text(cond, what, text_dim):
+    if not isinstance(cond, list) or not cond or not isinstance(cond[0], (list, tuple)):
+        raise ValueError(f"{what} is not a CONDITIONING (expected [[tensor, options]])")
+    if len(cond) > 1:
+        raise ValueError(
+            f"{what} holds {len(cond)} conditioning entries (e.g. from Conditioning Combine); CVG Sampler "
+            "takes one prompt per input — encode a single prompt")
+    tensor, options = cond[0][0], cond[0][1]
+    return pipeline.text_tensor(tensor, text_dim, what), options
+
+
+class CVGSampler:
+    DESCRIPTION = (
+        "Samples a Wan video with flow matching (the reference's σ grid and integer timesteps) and CFG: "
+        "solver unipc (the reference default), euler or dpmpp_2m; shift 5 is the reference default (ComfyUI "
+        "uses 8; 3 for I2V at 480p); denoise < 1 starts from the input latent (video-to-video). positive / "
+        "negative: umT5 text (CLIPLoader type wan + CLIPTextEncode). For I2V/FLF2V models give the LATENT of "
+        "CVG I2V Conditioner (or ComfyUI's WanImageToVideo conditioning). Output: LATENT in raw VAE space."
+    )
+    CATEGORY = "CVG/wan"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("CVG_WAN",),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent": ("LATENT",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 1000}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "solver": (list(sampling.SOLVERS), {"default": "unipc"}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),
+            }
+        }
+
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, solver, denoise):
+        if not hasattr(model, "model") or not hasattr(model.model, "config"):
+            raise TypeError("CVG Sampler needs a CVG_WAN model from 'CVG Load Wan Model'")
+        dit = model.model
+        text_dim = dit.config.text_dim
+        pos, pos_opts = _text(positive, "positive conditioning", text_dim)
+        neg, _ = _text(negative, "negative conditioning", text_dim)
+        z = latent["samples"]
+        if z.ndim != 5 or z.shape[1] != wan_latent.LATENT_CHANNELS:
+            raise ValueError(f"latent must be a Wan video LATENT [B, 16, T, H, W], got {list(z.shape)}; "
+                             "use CVG Empty Video Latent or a Wan VAE encode")
+        cond = conditioning.resolve_condition(latent, pos_opts)
+        conditioning.check_model_condition(dit.config.in_dim, cond)
+        dit = comfy_bridge.load_to_device(model)
+        device = dit.device
+        y = clip_fea = None
+        strength = 1.0
+        if cond is not None:
+            y = cond["y"].to(device)
+            clip_fea = cond["clip_fea"].to(device) if cond["clip_fea"] is not None else None
+            strength = float(cond.get("image_strength", 1.0))
+        progress = comfy_bridge.Progress(steps)
+
+        def callback(info):
+            progress.update(1)
+
+        comfy_bridge.check_interrupt()
+        out = pipeline.sample_video(dit, pos.to(device), neg.to(device), z, seed, steps=steps, cfg=cfg, shift=shift,
+                                    solver=solver, denoise=denoise, y=y, clip_fea=clip_fea, image_strength=strength,
+                                    callback=callback)
+        return ({"samples": out.to(comfy_bridge.intermediate_device())},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "CVGLoadWanModel": CVGLoadWanModel,
+    "CVGEmptyVideoLatent": CVGEmptyVideoLatent,
+    "CVGLoadTextEmbeds": CVGLoadTextEmbeds,
+    "CVGSampler": CVGSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CVGLoadWanModel": "CVG Load Wan Model",
+    "CVGEmptyVideoLatent": "CVG Empty Video Latent",
+    "CVGLoadTextEmbeds": "CVG Load Text Embeds",
+    "CVGSampler": "CVG Sampler",
+}
