@@ -1,0 +1,105 @@
+"""Wan T2V nodes through a real ComfyUI server (the `comfy` fixture): a tiny random Wan model file in
+diffusion_models, text embeddings from CVG Load Text Embeds, CVG Empty Video Latent -> CVG Sampler ->
+a saved latent (and a decoded video when the pack's VAE decode node is present).
+
+Oracle: the same sampling run in this process with models/wan/pipeline.py on the same file and seed.
+"""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.wan import loading, pipeline
+from models.wan.dit import WanConfig, WanDiT
+
+MODEL = "cvg_test_wan_t2v_tiny.safetensors"
+
+
+def tiny_state(seed=0):
+    cfg = WanConfig(model_type="t2v", dim=128, ffn_dim=64, heads=1, layers=2)
+    m = WanDiT(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2 and "modulation" not in name:
+                r = r / math.sqrt(math.prod(p.shape[1:]))
+            p.copy_(r)
+    return {"model.diffusion_model." + k: v.contiguous() for k, v in m.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def files(comfy):
+    save_file(tiny_state(), str(comfy.models_dir / "diffusion_models" / MODEL))
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randn(1, 12, 4096, generator=g)
+    neg = torch.randn(1, 6, 4096, generator=g)
+    save_file({"text_embeds": pos}, str(comfy.input_dir / "cvg_pos.safetensors"))
+    save_file({"text_embeds": neg}, str(comfy.input_dir / "cvg_neg.safetensors"))
+    save_file({"text_embeds": torch.randn(1, 77, 768, generator=g)}, str(comfy.input_dir / "cvg_sd_clip.safetensors"))
+    return pos, neg
+
+
+def graph(model=MODEL, positive="cvg_pos.safetensors", width=32, height=48, length=5, steps=3, solver="unipc",
+          seed=7, cfg=4.0):
+    return {
+        "1": {"class_type": "CVGLoadWanModel", "inputs": {"model_name": model, "weight_dtype": "default",
+                                                           "attention": "sdpa", "compute_dtype": "fp32"}},
+        "2": {"class_type": "CVGLoadTextEmbeds", "inputs": {"embeds": positive}},
+        "3": {"class_type": "CVGLoadTextEmbeds", "inputs": {"embeds": "cvg_neg.safetensors"}},
+        "4": {"class_type": "CVGEmptyVideoLatent", "inputs": {"width": width, "height": height, "length": length,
+                                                               "batch_size": 1}},
+        "5": {"class_type": "CVGSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                      "latent": ["4", 0], "seed": seed, "steps": steps, "cfg": cfg,
+                                                      "shift": 5.0, "solver": solver, "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "cvg_wan_test"}},
+    }
+
+
+def test_nodes_registered(comfy):
+    info = comfy.object_info()
+    for node in ("CVGLoadWanModel", "CVGEmptyVideoLatent", "CVGSampler", "CVGLoadTextEmbeds"):
+        assert node in info, node
+    assert not comfy.import_failures()
+    assert list(info["CVGSampler"]["input"]["required"]) == [
+        "model", "positive", "negative", "latent", "seed", "steps", "cfg", "shift", "solver", "denoise"]
+    assert info["CVGSampler"]["input"]["required"]["solver"][0] == ["unipc", "euler", "dpmpp_2m"]
+    assert info["CVGEmptyVideoLatent"]["input"]["required"]["length"][1]["default"] == 81
+
+
+def _saved_latent(comfy, outputs, node="6"):
+    entry = outputs[node]["latents"][0]
+    path = comfy.output_dir / entry.get("subfolder", "") / entry["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_t2v_graph_matches_in_process_sampling(comfy, files, solver):
+    pos, neg = files
+    outputs = comfy.run(graph(solver=solver))
+    z = _saved_latent(comfy, outputs)
+    assert z.shape == (1, 16, 2, 6, 4)  # 5 frames -> 2 latent frames, 48x32 px -> 6x4
+    model = loading.load_wan_dit(comfy.models_dir / "diffusion_models" / MODEL, dtype=torch.float32)
+    ref = pipeline.sample_video(model, pos, neg, torch.zeros(1, 16, 2, 6, 4), seed=7, steps=3, cfg=4.0, shift=5.0,
+                                solver=solver)
+    assert (z - ref).abs().max().item() < 1e-4
+    assert z.abs().max() > 0.1
+
+
+def test_empty_latent_rejects_bad_length(comfy, files):
+    g = graph(length=6)
+    err = comfy.run_expect_error(g)
+    assert "4k+1" in err
+
+
+def test_wrong_text_width_is_a_clear_error(comfy, files):
+    err = comfy.run_expect_error(graph(positive="cvg_sd_clip.safetensors"))
+    assert "width 4096" in err and "umT5" in err
+
+
+def test_vae_file_in_diffusion_models_is_named(comfy, files):
+    vae_keys = ["encoder.conv1.weight", "encoder.conv1.bias", "decoder.conv1.weight", "conv1.weight", "conv2.weight"]
+    save_file({k: torch.zeros(2) for k in vae_keys}, str(comfy.models_dir / "diffusion_models" / "cvg_fake_vae.safetensors"))
+    err = comfy.run_expect_error(graph(model="cvg_fake_vae.safetensors"))
+    assert "Wan VAE, not a diffusion model" in err
