@@ -134,7 +134,7 @@ def decode_tiled(vae, z, tile, overlap=DEFAULT_OVERLAP, out_device=None, out_dty
             if progress:
                 progress(1)
         del stream
-    return out
+    return out.clamp_(-1.0, 1.0)  # the blend weights sum to 1 only up to rounding
 
 
 def iter_decode_tiled(vae, z, tile, overlap=DEFAULT_OVERLAP, out_device=None, out_dtype=torch.float32):
@@ -155,7 +155,7 @@ def iter_decode_tiled(vae, z, tile, overlap=DEFAULT_OVERLAP, out_device=None, ou
             chunk = stream.push(z[:, :, i:i + 1, y0:y1, x0:x1])
             _blend_into(out, chunk, plan, y0, y1, x0, x1, weight, 0)
             del chunk
-        yield out
+        yield out.clamp_(-1.0, 1.0)
 
 
 # ---- automatic tile choice ---------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_auto_tile_from_free_memory(model):
     per_px = tiling.decode_bytes_per_pixel(model)
     assert per_px > 0
     assert tiling.auto_tile(model, 6, 9, free_bytes=1 << 40) is None
-    tile = tiling.auto_tile(model, 60, 90, free_bytes=int(per_px * 64 * 64 * 30 * 30 / 0.7))
+    tile = tiling.auto_tile(model, 60, 90, free_bytes=int(per_px * 240 * 240 / 0.7))
+    assert tile[0] == tile[1] and 28 <= tile[0] <= 30
     assert tile is not None and tile[0] < 60 and tile[1] < 90
     real = wv.build_wan_vae(device="meta", dtype=torch.bfloat16)
     # released VAE, bf16: a 480x832 frame needs a few GiB of caches and working memory
