@@ -1,0 +1,244 @@
+"""Wan DiT speed: this pack's WanDiT vs diffusers' WanTransformer3DModel (and ComfyUI's native WanModel when a
+ComfyUI tree is given), same random weights, bf16, one forward at the real size, plus a full CFG sample.
+
+    python bench/bench_dit.py                       # T2V-1.3B, 480x832x81 (32,760 tokens, 512 text rows)
+    python bench/bench_dit.py --i2v14b              # I2V-14B forward at the same size (257 image tokens)
+    python bench/bench_dit.py --comfyui /path/ComfyUI   # also ComfyUI's native WanModel
+    python bench/bench_dit.py --smoke               # tiny config on the CPU (checks the script runs)
+
+Reports, per implementation: median seconds of a forward, TFLOP/s (analytic FLOPs of the forward), the ratio
+to the bf16 matmul rate measured in the same run, peak memory; and the time of a full `--steps`-step CFG
+sample (two forwards per step) with this pack's pipeline. `--json out.json` writes the figures.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.wan import loading, pipeline  # noqa: E402
+from models.wan.dit import WanConfig, build_model  # noqa: E402
+
+T2V_1_3B = WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, heads=12, layers=30, in_dim=16)
+I2V_14B = WanConfig(model_type="i2v", dim=5120, ffn_dim=13824, heads=40, layers=40, in_dim=36)
+SMOKE = WanConfig(model_type="t2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=16, text_dim=64)
+SMOKE_I2V = WanConfig(model_type="i2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=36, text_dim=64, image_dim=32)
+
+
+def forward_flops(cfg, tokens, text=512, image=0):
+    """Multiply-add FLOPs (2 per MAC) of one forward, blocks + embeddings + head."""
+    d, f = cfg.dim, cfg.ffn_dim
+    per_block = (
+        4 * 2 * tokens * d * d          # self-attn q, k, v, o
+        + 2 * 2 * tokens * tokens * d   # QK^T and AV
+        + 2 * 2 * tokens * d * d        # cross-attn q, o
+        + 2 * 2 * text * d * d          # cross-attn k, v of the text
+        + 2 * 2 * tokens * text * d     # cross attention
+        + 2 * 2 * tokens * d * f        # FFN
+    )
+    if image:
+        per_block += 2 * 2 * image * d * d + 2 * 2 * tokens * image * d
+    embed = 2 * tokens * d * cfg.in_dim * 4 + 2 * text * (cfg.text_dim * d + d * d) + 2 * tokens * d * 4 * cfg.out_dim
+    return cfg.layers * per_block + embed
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup=1, repeat=5):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(device, dtype, n=8192):
+    if device.type != "cuda":
+        n = 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    s = timed(lambda: a @ b, device, warmup=3, repeat=10)
+    return 2 * n**3 / s
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def random_model(cfg, device, dtype, seed=0):
+    """Our WanDiT at full size with random weights, built on meta and materialised once on the device."""
+    model = build_model(cfg, "meta").to(dtype).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "modulation" in name else (1.0 / p.shape[-1] ** 0.5 if p.ndim >= 2 else 0.02)
+            if p.ndim == 1 and ("norm" in name and name.endswith("weight")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * std)
+    model.compute_dtype = dtype
+    return model.eval().requires_grad_(False)
+
+
+def diffusers_model(ours, cfg, device, dtype):
+    import diffusers
+
+    with torch.device("meta"):
+        ref = diffusers.WanTransformer3DModel(**loading.diffusers_config(cfg))
+    ref = ref.to(dtype).to_empty(device=device)
+    missing = ref.load_state_dict(loading.original_to_diffusers(ours.state_dict()), strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise RuntimeError(f"diffusers key mismatch: {missing}")
+    # diffusers keeps some modules in float32 when loaded with from_pretrained(torch_dtype=...); mirror that.
+    keep = set(getattr(ref, "_keep_in_fp32_modules", None) or [])
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if keep & set(n.split(".")):
+                p.data = p.data.float()
+    # the RoPE tables are non-persistent buffers: to_empty left them uninitialised
+    ref.rope = type(ref.rope)(cfg.head_dim, cfg.patch_size, 1024).to(device)
+    return ref.eval().requires_grad_(False)
+
+
+def comfy_model(ours, cfg, device, dtype, comfy_path):
+    sys.path.insert(0, comfy_path)
+    import comfy.ldm.wan.model as wm  # noqa: E402
+    import comfy.ops  # noqa: E402
+
+    kw = dict(model_type=cfg.model_type, patch_size=cfg.patch_size, text_len=512, in_dim=cfg.in_dim, dim=cfg.dim,
+              ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim, text_dim=cfg.text_dim, out_dim=cfg.out_dim,
+              num_heads=cfg.heads, num_layers=cfg.layers, qk_norm=True, cross_attn_norm=True, eps=cfg.eps,
+              device="meta", dtype=dtype, operations=comfy.ops.disable_weight_init)
+    if cfg.has_image:
+        kw["model_type"] = "i2v"
+    model = wm.WanModel(**kw)
+    model = model.to_empty(device=device)
+    model.load_state_dict(ours.state_dict(), strict=False)
+    return model.eval().requires_grad_(False)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
+    ap.add_argument("--i2v14b", action="store_true", help="I2V-14B forward instead of T2V-1.3B")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--steps", type=int, default=50, help="steps of the full CFG sample (0 skips it)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--comfyui", default=None, help="path of a ComfyUI tree to also time its native WanModel")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        cfg = SMOKE_I2V if args.i2v14b else SMOKE
+        frames, height, width = 5, 32, 48
+        args.steps = min(args.steps, 2)
+        args.repeat = 1
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run with --smoke on the CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        cfg = I2V_14B if args.i2v14b else T2V_1_3B
+        frames, height, width = args.frames, args.height, args.width
+    torch.backends.cuda.matmul.allow_tf32 = True
+    lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens = lat[0] * (lat[1] // 2) * (lat[2] // 2)
+    image = 257 if cfg.has_image else 0
+    flops = forward_flops(cfg, tokens, 512, image)
+    rate = matmul_rate(device, dtype)
+    name = ("I2V-14B" if args.i2v14b else "T2V-1.3B") + (" (smoke)" if args.smoke else "")
+    print(f"{name}: {frames}x{height}x{width} -> latent {lat}, {tokens} tokens, 512 text rows"
+          f"{', 257 image tokens' if image else ''}; {flops / 1e12:.1f} TFLOP per forward")
+    print(f"{dtype} matmul rate: {rate / 1e12:.1f} TFLOP/s -> FLOP limit {flops / rate:.3f} s")
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, *lat, generator=g).to(device)
+    ctx = (torch.randn(1, 512, cfg.text_dim, generator=g) * 0.1).to(device, dtype)
+    y = torch.randn(1, 20, *lat, generator=g).to(device) if cfg.has_image else None
+    clip = torch.randn(1, 257, cfg.image_dim, generator=g).to(device, dtype) if cfg.has_image else None
+    t = torch.tensor([999], device=device)
+    results = {"config": name, "tokens": tokens, "tflop_per_forward": flops / 1e12,
+               "matmul_tflops": rate / 1e12, "flop_limit_s": flops / rate, "impl": {}}
+
+    def report(label, seconds, peak):
+        tf = flops / seconds
+        results["impl"][label] = {"forward_s": seconds, "tflops": tf / 1e12, "ratio_to_matmul": tf / rate,
+                                  "peak_gib": peak}
+        print(f"  {label:<10} forward {seconds:.3f} s  {tf / 1e12:7.1f} TFLOP/s  {tf / rate:5.1%} of matmul  "
+              f"peak {peak:.2f} GiB")
+
+    ours = random_model(cfg, device, dtype)
+    ours.attention_backend = args.attention
+    with torch.inference_mode():
+        peak_reset(device)
+        s = timed(lambda: ours(x, t, ctx, clip_fea=clip, y=y), device, repeat=args.repeat)
+        report("cvg", s, peak_gib(device))
+        if not args.no_diffusers:
+            ref = diffusers_model(ours, cfg, device, dtype)
+            xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
+            peak_reset(device)
+            s = timed(lambda: ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0], device,
+                      repeat=args.repeat)
+            report("diffusers", s, peak_gib(device))
+            a = ours(x, t, ctx, clip_fea=clip, y=y)
+            b = ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0].float()
+            rel = ((a - b).norm() / b.norm()).item()
+            results["rel_diff_vs_diffusers"] = rel
+            print(f"  output relative difference cvg vs diffusers: {rel:.2e}")
+            del ref
+        if args.comfyui:
+            try:
+                cm = comfy_model(ours, cfg, device, dtype, args.comfyui)
+                peak_reset(device)
+                kw = {"clip_fea": clip} if clip is not None else {}
+                xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
+                s = timed(lambda: cm(xin, t, ctx, **kw), device, repeat=args.repeat)
+                report("comfyui", s, peak_gib(device))
+                del cm
+            except Exception as e:  # a tree with another WanModel signature
+                print(f"  comfyui    skipped: {type(e).__name__}: {e}")
+        if args.steps and not cfg.has_image:
+            neg = (torch.randn(1, 512, cfg.text_dim, generator=g) * 0.1).to(device, dtype)
+            peak_reset(device)
+            t0 = time.perf_counter()
+            pipeline.sample_video(ours, ctx, neg, torch.zeros(1, 16, *lat, device=device), seed=0, steps=args.steps,
+                                  cfg=5.0, shift=5.0, solver="unipc")
+            sync(device)
+            sample_s = time.perf_counter() - t0
+            results["sample_s"] = sample_s
+            results["sample_steps"] = args.steps
+            print(f"  full {args.steps}-step CFG sample (unipc, {2 * args.steps} forwards): {sample_s:.1f} s, "
+                  f"peak {peak_gib(device):.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
