@@ -196,8 +196,10 @@ function addUploadButton(node) {
       input.value = "";
     }
   });
-  const btn = node.addWidget("button", "choose video to upload", "video", () => input.click());
-  btn.serialize = false;
+  // Named "upload" and appended after the node's own widgets, like the frontends' upload buttons, so
+  // saved widgets_values keep the same layout in both frontends.
+  const btn = node.addWidget("button", "upload", "video", () => input.click(), { serialize: false });
+  btn.label = "choose video to upload";
   const removed = node.onRemoved;
   node.onRemoved = function () {
     input.remove();
@@ -227,7 +229,10 @@ app.registerExtension({
       const r = onNodeCreated?.apply(this, arguments);
       try {
         for (const w of this.widgets || []) if (isFrameWidget(nodeData, w)) attachFrameHint(this, w);
-        if (name === LOADER) {
+        // The current frontend builds its own upload widget + preview from `video_upload`; only the
+        // old frontend needs ours.
+        if (name === LOADER && !this.widgets?.some((w) => w.name === "upload" || w.type === "button")) {
+          this.cvgOwnUpload = true;
           addUploadButton(this);
           const combo = this.widgets?.find((w) => w.name === "video");
           if (combo) {
@@ -251,7 +256,7 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function () {
       const r = onConfigure?.apply(this, arguments);
       for (const u of this.cvgHintUpdaters || []) u();
-      if (name === LOADER) requestAnimationFrame(() => previewSelected(this));
+      if (name === LOADER && this.cvgOwnUpload) requestAnimationFrame(() => previewSelected(this));
       return r;
     };
 

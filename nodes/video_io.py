@@ -212,8 +212,6 @@ class CVGLoadVideo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "video": (_input_videos(), {"tooltip": "A video or animation in ComfyUI's input folder; "
-                                            "use the upload button to add one."}),
                 "frame_cap": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "0 = all frames"}),
                 "skip_first": ("INT", {"default": 0, "min": 0, "max": 100000}),
                 "every_nth": ("INT", {"default": 1, "min": 1, "max": 1000}),
@@ -226,6 +224,12 @@ class CVGLoadVideo:
                                      "longer side is at most this"}),
                 "snap_4k1": ("BOOLEAN", {"default": False, "tooltip": "Drop the last 1-3 frames so the count "
                                          "is 4k+1, as the Wan VAE needs"}),
+                # Last on purpose: both frontends append the upload button after the node's required widgets
+                # (the current one builds it from video_upload; on the old one js/cvg.js adds it), so
+                # widgets_values stay [..., video, upload] everywhere.
+                "video": (_input_videos(), {"video_upload": True,
+                                            "tooltip": "A video or animation in ComfyUI's input folder; "
+                                            "use the upload button to add one."}),
             },
         }
 
