@@ -103,3 +103,43 @@ def test_vae_file_in_diffusion_models_is_named(comfy, files):
     save_file({k: torch.zeros(2) for k in vae_keys}, str(comfy.models_dir / "diffusion_models" / "cvg_fake_vae.safetensors"))
     err = comfy.run_expect_error(graph(model="cvg_fake_vae.safetensors"))
     assert "Wan VAE, not a diffusion model" in err
+
+
+VAE = "cvg_test_wan_vae_tiny.safetensors"
+
+
+def tiny_vae_state(seed=0):
+    from models.wan.vae import WanVAE, WanVAEConfig
+
+    vae = WanVAE(WanVAEConfig(dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2:
+                r = r / math.sqrt(math.prod(p.shape[1:]))
+            else:
+                r = 1.0 + 0.1 * r if "gamma" in name else 0.1 * r
+            p.copy_(r)
+    return {k: v.contiguous() for k, v in vae.state_dict().items()}
+
+
+def test_t2v_graph_decoded_and_saved(comfy, files):
+    """Empty latent -> sampler -> CVG VAE Decode -> CVG Save Video: a 5-frame 32x48 video file exists."""
+    from models import video_files as vf
+
+    save_file(tiny_vae_state(), str(comfy.models_dir / "vae" / VAE))
+    g = graph(steps=2)
+    g["6"] = {"class_type": "CVGLoadVAE", "inputs": {"vae_name": VAE, "dtype": "fp32", "device": "auto"}}
+    g["7"] = {"class_type": "CVGVAEDecode", "inputs": {"vae": ["6", 0], "samples": ["5", 0], "tiling": "off",
+                                                        "tile_size": 512, "tile_overlap": 64}}
+    g["8"] = {"class_type": "CVGSaveVideo", "inputs": {"images": ["7", 0], "filename_prefix": "cvg_wan_t2v",
+                                                        "format": "mkv-ffv1", "fps": 16.0, "crf": 19,
+                                                        "preset": "veryfast"}}
+    outputs = comfy.run(g)
+    entry = outputs["8"]["cvg_video"][0]
+    path = comfy.output_dir / entry["subfolder"] / entry["filename"]
+    assert path.exists()
+    frames = vf.read_video(str(path))
+    frames = frames[0] if isinstance(frames, tuple) else frames
+    assert tuple(frames.shape[:3]) == (5, 48, 32)
