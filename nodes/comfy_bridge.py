@@ -86,6 +86,12 @@ def load_to_device(patcher):
     return patcher.model
 
 
+def load_to_device_with_memory(patcher, memory_required=0):
+    """load_to_device that also asks ComfyUI to free `memory_required` bytes for activations."""
+    mm.load_models_gpu([patcher], memory_required=int(memory_required))
+    return patcher.model
+
+
 def check_interrupt():
     mm.throw_exception_if_processing_interrupted()
 
