@@ -106,7 +106,7 @@ def test_i2v_graph_matches_in_process(comfy, files, model, end, noise_aug):
                                 shift=3.0, solver="unipc", y=y, image_strength=0.0)
     # CVG_VAE encodes IMAGE frames in 0..1 (x·2 − 1 inside): a few ulps from the −1..1 path here.
     print(f"max abs diff vs in-process: {(z - ref).abs().max().item():.3e}")
-    assert (z - ref).abs().max().item() < 1e-3, (z - ref).abs().max().item()
+    assert (z - ref).abs().max().item() < 1e-4, (z - ref).abs().max().item()
     # and the condition matters: without it the result differs
     plain = pipeline.sample_video(dit, pos, neg, torch.zeros(1, 16, 3, H // 8, W // 8), seed=7, steps=2, cfg=3.0,
                                   shift=3.0, solver="unipc", y=torch.zeros_like(y), image_strength=0.0)
