@@ -173,11 +173,17 @@ def rope_tables(grid, head_dim, device, t_offset=0, theta=10000.0):
     return torch.cos(full).float().to(device), torch.sin(full).float().to(device)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, L, H, D] (float32) by the tables [L, 1, D/2]."""
-    x = x.unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+def rope_freqs(grid, head_dim, device, t_offset=0):
+    """The rotations as one complex64 table [L, 1, head_dim/2] (cos + i·sin)."""
+    cos, sin = rope_tables(grid, head_dim, device, t_offset)
+    return torch.complex(cos, sin)
+
+
+def apply_rope(x, freqs):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, L, H, D] (float32, contiguous) by the complex table
+    [L, 1, D/2]: one complex multiply, i.e. (x0 + i·x1)·(cos + i·sin)."""
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * freqs).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,9 +205,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, backend):
         b, n, _ = x.shape
         dtype = x.dtype
-        cos, sin = rope
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim), cos, sin).to(dtype)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim), cos, sin).to(dtype)
+        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim), rope).to(dtype)
+        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim), rope).to(dtype)
         v = self.v(x).view(b, n, self.heads, self.head_dim)
         return self.o(attention(q, k, v, backend))
 
@@ -256,11 +261,12 @@ class WanBlock(nn.Module):
     def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend):
         # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        y = self.self_attn((self.norm1(x) * (1 + scale0) + shift0).to(dtype), rope, backend)
-        x = x + y * gate0
+        # LN(x)·(1 + scale) + shift and x + y·gate as single fused kernels (addcmul promotes y to float32)
+        y = self.self_attn(torch.addcmul(shift0, self.norm1(x), 1 + scale0).to(dtype), rope, backend)
+        x = torch.addcmul(x, y, gate0)
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img, image_strength, backend)
-        y = self.ffn((self.norm2(x) * (1 + scale1) + shift1).to(dtype))
-        return x + y * gate1
+        y = self.ffn(torch.addcmul(shift1, self.norm2(x), 1 + scale1).to(dtype))
+        return torch.addcmul(x, y, gate1)
 
 
 class Head(nn.Module):
@@ -348,7 +354,7 @@ class WanDiT(nn.Module):
         if tables is None:
             if len(self._rope_cache) > 8:
                 self._rope_cache.clear()
-            tables = rope_tables(grid, self.config.head_dim, device, t_offset)
+            tables = rope_freqs(grid, self.config.head_dim, device, t_offset)
             self._rope_cache[key] = tables
         return tables
 

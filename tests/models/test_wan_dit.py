@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.wan import loading
-from models.wan.dit import WanConfig, WanDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
+from models.wan.dit import WanConfig, WanDiT, apply_rope, rope_freqs, rope_split, rope_tables, sinusoidal_embedding
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -127,9 +127,13 @@ def test_rope_split_and_tables():
 def test_rope_rotates_adjacent_pairs():
     x = torch.randn(1, 3, 2, 8)
     ang = torch.rand(3, 1, 4) * 6
-    out = apply_rope(x, ang.cos(), ang.sin())
-    z = torch.view_as_complex(x.reshape(1, 3, 2, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
-    assert torch.allclose(out, torch.view_as_real(z).flatten(-2), atol=1e-6)
+    out = apply_rope(x, torch.complex(ang.cos(), ang.sin()))
+    x0, x1 = x[..., 0::2], x[..., 1::2]  # real-valued rotation of each adjacent pair
+    c, s = ang.cos(), ang.sin()
+    want = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    assert torch.allclose(out, want, atol=1e-6)
+    f = rope_freqs((2, 3, 4), 32, "cpu")
+    assert f.dtype == torch.complex64 and torch.allclose(f.real, rope_tables((2, 3, 4), 32, "cpu")[0])
 
 
 def test_temporal_offset_is_relative():
