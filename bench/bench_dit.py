@@ -149,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--comfyui", default=None, help="path of a ComfyUI tree to also time its native WanModel")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--eager", action="store_true", help="no torch.compile of the elementwise groups")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -194,10 +196,23 @@ def main(argv=None):
 
     ours = random_model(cfg, device, dtype)
     ours.attention_backend = args.attention
+    if args.eager:
+        ours.fused = False
     with torch.inference_mode():
         peak_reset(device)
+        t0 = time.perf_counter()
+        ours(x, t, ctx, clip_fea=clip, y=y)
+        sync(device)
+        print(f"  cvg first forward (includes torch.compile of the fused ops): {time.perf_counter() - t0:.1f} s")
         s = timed(lambda: ours(x, t, ctx, clip_fea=clip, y=y), device, repeat=args.repeat)
         report("cvg", s, peak_gib(device))
+        if args.profile and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                ours(x, t, ctx, clip_fea=clip, y=y)
+                sync(device)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
         if not args.no_diffusers:
             ref = diffusers_model(ours, cfg, device, dtype)
             xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)

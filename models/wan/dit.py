@@ -187,6 +187,81 @@ def apply_rope(x, freqs):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The elementwise work around the matmuls, in groups. `EAGER` runs them as plain torch ops; `fused_ops()`
+# returns the same groups through torch.compile (one kernel per group on CUDA), with the RoPE written
+# real-valued for the compiler. Any compile failure falls back to the eager ops for good.
+
+
+def _norm_rope(x, weight, eps, rope, heads, dtype):
+    b, n, d = x.shape
+    x = F.rms_norm(x.float(), (d,), weight.float(), eps).view(b, n, heads, d // heads)
+    return apply_rope(x, rope[0]).to(dtype)
+
+
+def _norm_rope_real(x, weight, eps, rope, heads, dtype):
+    b, n, d = x.shape
+    x = F.rms_norm(x.float(), (d,), weight.float(), eps).view(b, n, heads, d // heads // 2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = rope[1], rope[2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(dtype)
+
+
+def _modulate(x, shift, scale, eps, dtype):
+    """LN(x)·(1 + scale) + shift (float32) cast to the compute dtype."""
+    return torch.addcmul(shift, F.layer_norm(x.float(), (x.shape[-1],), eps=eps), 1 + scale).to(dtype)
+
+
+def _norm_affine(x, weight, bias, eps, dtype):
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(dtype)
+
+
+def _rms_cast(x, weight, eps, dtype):
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(dtype)
+
+
+class Ops:
+    def __init__(self, norm_rope, modulate, norm_affine, rms_cast):
+        self.norm_rope, self.modulate, self.norm_affine, self.rms_cast = norm_rope, modulate, norm_affine, rms_cast
+
+
+EAGER = Ops(_norm_rope, _modulate, _norm_affine, _rms_cast)
+
+
+class _Compiled:
+    """torch.compile'd function that falls back to `eager` (and stays there) if compiling fails."""
+
+    failed = False
+
+    def __init__(self, fn, eager):
+        self.fn, self.eager, self.compiled = fn, eager, None
+
+    def __call__(self, *args):
+        if not _Compiled.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=False)
+                return self.compiled(*args)
+            except Exception as e:  # no Triton / compiler: the eager ops give the same result
+                _Compiled.failed = True
+                import warnings
+
+                warnings.warn(f"WanDiT: torch.compile of the fused ops failed ({type(e).__name__}: {e}); "
+                              "running them eagerly")
+        return self.eager(*args)
+
+
+_FUSED = None
+
+
+def fused_ops():
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = Ops(_Compiled(_norm_rope_real, _norm_rope), _Compiled(_modulate, _modulate),
+                     _Compiled(_norm_affine, _norm_affine), _Compiled(_rms_cast, _rms_cast))
+    return _FUSED
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Attention blocks
 
 
@@ -202,11 +277,11 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x, rope, backend):
+    def forward(self, x, rope, backend, ops=EAGER):
         b, n, _ = x.shape
         dtype = x.dtype
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim), rope).to(dtype)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim), rope).to(dtype)
+        q = ops.norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, rope, self.heads, dtype)
+        k = ops.norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, rope, self.heads, dtype)
         v = self.v(x).view(b, n, self.heads, self.head_dim)
         return self.o(attention(q, k, v, backend))
 
@@ -231,10 +306,10 @@ class CrossAttention(nn.Module):
             self.v_img = Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def forward(self, x, context, context_img, image_strength, backend):
+    def forward(self, x, context, context_img, image_strength, backend, ops=EAGER):
         b, n, _ = x.shape
         dtype = x.dtype
-        q = self.norm_q(self.q(x)).to(dtype).view(b, n, self.heads, self.head_dim)
+        q = ops.rms_cast(self.q(x), self.norm_q.weight, self.norm_q.eps, dtype).view(b, n, self.heads, self.head_dim)
         k = self.norm_k(self.k(context)).to(dtype).view(b, -1, self.heads, self.head_dim)
         v = self.v(context).view(b, -1, self.heads, self.head_dim)
         out = attention(q, k, v, backend)
@@ -258,14 +333,16 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend):
+    def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend, ops=EAGER):
         # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        # LN(x)·(1 + scale) + shift and x + y·gate as single fused kernels (addcmul promotes y to float32)
-        y = self.self_attn(torch.addcmul(shift0, self.norm1(x), 1 + scale0).to(dtype), rope, backend)
+        eps = self.norm1.eps
+        # x + y·gate as one kernel (addcmul promotes y to float32)
+        y = self.self_attn(ops.modulate(x, shift0, scale0, eps, dtype), rope, backend, ops)
         x = torch.addcmul(x, y, gate0)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img, image_strength, backend)
-        y = self.ffn(torch.addcmul(shift1, self.norm2(x), 1 + scale1).to(dtype))
+        h = ops.norm_affine(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
+        x = x + self.cross_attn(h, context, context_img, image_strength, backend, ops)
+        y = self.ffn(ops.modulate(x, shift1, scale1, eps, dtype))
         return torch.addcmul(x, y, gate1)
 
 
@@ -315,6 +392,8 @@ class WanDiT(nn.Module):
         self.config = cfg
         self.attention_backend = check_backend(attention_backend)
         self.sinusoid_dtype = torch.float64
+        # torch.compile the elementwise groups on CUDA (None: when Triton is importable; False: never)
+        self.fused = None
         self.compute_dtype = None  # None: the dtype of the big weights (set by the loader)
         d = cfg.dim
         self.patch_embedding = PatchEmbed(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -354,9 +433,16 @@ class WanDiT(nn.Module):
         if tables is None:
             if len(self._rope_cache) > 8:
                 self._rope_cache.clear()
-            tables = rope_freqs(grid, self.config.head_dim, device, t_offset)
+            cos, sin = rope_tables(grid, self.config.head_dim, device, t_offset)
+            tables = (torch.complex(cos, sin), cos, sin)
             self._rope_cache[key] = tables
         return tables
+
+    def _ops(self, x):
+        fused = self.fused
+        if fused is None:
+            fused = x.is_cuda and _triton_available()
+        return fused_ops() if fused else EAGER
 
     def prepare_context(self, context):
         """Text [B, L, text_dim] (or a list of [L_i, text_dim]) -> [B, 512, text_dim], zero-padded or truncated."""
@@ -465,8 +551,9 @@ class WanDiT(nn.Module):
                     "connect a CLIP vision output to the I2V conditioner, or set the image strength to 0"
                 )
 
+        ops = self._ops(x)
         for block in self.blocks:
-            x = block(x, e0, context, context_img, rope, image_strength, dtype, backend)
+            x = block(x, e0, context, context_img, rope, image_strength, dtype, backend, ops)
 
         x = self.head(x, e)
         return self.unpatchify(x, grid)
@@ -479,6 +566,14 @@ class WanDiT(nn.Module):
         x = x.view(x.shape[0], f, h, w, pt, ph, pw, c)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], c, f * pt, h * ph, w * pw)
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def build_model(config: WanConfig, device="meta", attention_backend="sdpa"):

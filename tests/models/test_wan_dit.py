@@ -246,3 +246,20 @@ def test_bf16_compute_close_to_fp32():
     assert out.dtype == torch.float32
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.05
+
+
+def test_fusable_ops_match_eager_ops():
+    """The forms written for torch.compile (real-valued RoPE) compute the same as the eager ones."""
+    from models.wan import dit
+
+    cfg = tiny_config("i2v")
+    m = randomize(WanDiT(cfg), 13).eval()
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([999.0, 3.0])
+    uncompiled = dit.Ops(dit._norm_rope_real, dit._modulate, dit._norm_affine, dit._rms_cast)
+    with torch.no_grad():
+        a = m(x, t, ctx, clip_fea=clip, y=y)
+        m._ops = lambda _x: uncompiled
+        b = m(x, t, ctx, clip_fea=clip, y=y)
+    assert (a - b).abs().max().item() < 1e-5
+    assert m.fused is None and WanDiT(cfg)._ops(x) is dit.EAGER  # CPU tensors never take the compiled path
