@@ -145,3 +145,23 @@ def build_instance(modules, overrides=None, dtype=None):
         state[f"{name}.pe"] = pe
     new.load_state_dict(state, strict=True, assign=True)
     return new.eval().requires_grad_(False)
+
+
+def check_fits(modules, lora):
+    """Raise CheckpointError unless every target of `lora` (mid-block ones aside for a mid-less module)
+    is a parameter of `modules` with the LoRA's shape."""
+    params = dict(modules.named_parameters())
+    usable = 0
+    for target, (down, up) in lora.pairs.items():
+        if target.startswith("mid_block.") and not modules.has_mid:
+            continue
+        if target not in params:
+            raise CheckpointError(f"MotionLoRA {lora.name!r} targets {target!r}, which this motion module does not have")
+        if tuple(params[target].shape) != (up.shape[0], down.shape[1]):
+            raise CheckpointError(
+                f"MotionLoRA {lora.name!r} does not fit this motion module: {target!r} is "
+                f"{list(params[target].shape)} but the LoRA gives [{up.shape[0]}, {down.shape[1]}]"
+            )
+        usable += 1
+    if not usable:
+        raise CheckpointError(f"MotionLoRA {lora.name!r} has no weights for this motion module's layers")

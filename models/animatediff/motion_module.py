@@ -349,3 +349,14 @@ def zero_proj_out_(modules):
                 m.proj_out.weight.zero_()
                 m.proj_out.bias.zero_()
     return modules
+
+
+def training_betas(schedule="linear", steps=1000, start=0.00085, end=0.012):
+    """β schedules by their diffusers names (float64): 'linear' = linspace(start, end) — what AnimateDiff
+    trained with, called `sqrt_linear` in ComfyUI/LDM; 'scaled_linear' = linspace(√start, √end)² — SD1.5's
+    default, called `linear` in ComfyUI/LDM."""
+    if schedule == "linear":
+        return torch.linspace(start, end, steps, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    raise ValueError(f"unknown beta schedule {schedule!r}; expected 'linear' or 'scaled_linear'")
