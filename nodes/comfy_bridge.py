@@ -147,3 +147,14 @@ def metadata_disabled():
     except ImportError:
         return False
     return bool(getattr(args, "disable_metadata", False))
+
+
+def preview_method():
+    """The server's latent preview method ('none', 'auto', 'latent2rgb', 'taesd'); 'none' when unknown."""
+    try:
+        from comfy.cli_args import args
+
+        method = args.preview_method
+    except Exception:
+        return "none"
+    return str(getattr(method, "value", method))

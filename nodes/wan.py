@@ -139,6 +139,26 @@ class CVGLoadTextEmbeds:
         return os.path.getmtime(path) if os.path.exists(path) else ""
 
 
+# Wan2.1 latent (normalised space) -> RGB in -1..1: ComfyUI's published latent2rgb factors for Wan 2.1.
+_RGB_FACTORS = [
+    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
+]
+_RGB_BIAS = [-0.1835, -0.0868, -0.3360]
+
+
+def latent_preview_image(denoised, frame=0):
+    """A PIL image of one latent frame of the current x0 estimate (normalised space) [B,16,F,h,w]."""
+    from PIL import Image
+
+    z = denoised[0, :, min(frame, denoised.shape[2] - 1)].float().cpu()
+    rgb = torch.einsum("chw,cr->hwr", z, torch.tensor(_RGB_FACTORS)) + torch.tensor(_RGB_BIAS)
+    rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return Image.fromarray(rgb)
+
+
 def _text(cond, what, text_dim):
     if not isinstance(cond, list) or not cond or not isinstance(cond[0], (list, tuple)):
         raise ValueError(f"{what} is not a CONDITIONING (expected [[tensor, options]])")
@@ -201,9 +221,13 @@ class CVGSampler:
             clip_fea = cond["clip_fea"].to(device) if cond["clip_fea"] is not None else None
             strength = float(cond.get("image_strength", 1.0))
         progress = comfy_bridge.Progress(steps)
+        previews = comfy_bridge.preview_method() != "none"
 
         def callback(info):
-            progress.update(1)
+            preview = None
+            if previews and info.get("denoised") is not None:
+                preview = ("JPEG", latent_preview_image(info["denoised"]), 512)
+            progress.update(1, preview=preview)
 
         comfy_bridge.check_interrupt()
         out = pipeline.sample_video(dit, pos.to(device), neg.to(device), z, seed, steps=steps, cfg=cfg, shift=shift,
