@@ -280,3 +280,89 @@ def test_story_keyframes_from_prompts(comfy, files):
     assert keys.shape[0] == 2 and video.shape[0] == 5
     assert torch.equal(video[0], keys[0]) and torch.equal(video[4], keys[1])
     assert not torch.equal(keys[0], keys[1])  # one frame per prompt, different prompts
+
+
+# ------------------------------------------------------------------- the shipped workflows, run
+
+WORKFLOWS = __import__("pathlib").Path(__file__).resolve().parents[2] / "workflows"
+
+
+def _shrink_workflow(ui, info, clip_file=None):
+    """The user's workflow with the tiny test files: umT5 text nodes become CVG Load Text Embeds (the test host
+    predates ComfyUI's Wan text encoder), CLIP vision nodes are dropped (their inputs are optional), sizes,
+    lengths and steps shrink. Everything else — node types, links, the other widgets — is the shipped file."""
+    from host import workflows as wf
+    drop = {n["id"] for n in ui["nodes"] if n["type"] in ("CLIPLoader", "CLIPVisionLoader", "CLIPVisionEncode")}
+    links = [l for l in ui["links"] if l[1] not in drop and l[3] not in drop]
+    keep_ids = {l[0] for l in links}
+    nodes = []
+    for n in ui["nodes"]:
+        if n["id"] in drop:
+            continue
+        n = json.loads(json.dumps(n))
+        n["inputs"] = [i for i in n.get("inputs", []) if i.get("link") in keep_ids]
+        if n["type"] == "CLIPTextEncode":
+            n["type"] = "CVGLoadTextEmbeds"
+            neg = "negative" in n.get("title", "")
+            n["widgets_values"] = ["cvg_lv_neg.safetensors" if neg else "cvg_lv_pos.safetensors"]
+        if n["type"] in info:
+            layout = [name for slot, name in wf.widget_layout(info[n["type"]])]
+            vals = n["widgets_values"]
+
+            def put(name, value):
+                if name in layout:
+                    vals[layout.index(name)] = value
+            name = vals[0] if vals else ""
+            if n["type"] == "CVGLoadWanModel":
+                put("model_name", I2V if ("i2v" in name or "flf2v" in name) else T2V)
+                put("compute_dtype", "fp32")
+            if n["type"] == "CVGLoadVAE":
+                put("vae_name", VAE), put("dtype", "fp32"), put("device", "cpu")
+            if n["type"] == "CVGLoadVideo":
+                put("video", clip_file), put("frame_cap", 3), put("max_side", 0), put("resize", "none")
+            for k, v in (("width", W), ("height", H), ("steps", 1), ("segment_length", 9), ("num_segments", 2),
+                         ("overlap_frames", 5), ("frames_between", 3)):
+                put(k, v)
+            if n["type"] == "CVGSaveVideo":
+                put("format", "mkv-ffv1")
+        nodes.append(n)
+    # re-index input slots of kept links
+    by_id = {n["id"]: n for n in nodes}
+    new_links = []
+    for l in links:
+        dst = by_id[l[3]]
+        names = [i["name"] for i in dst["inputs"]]
+        old = next(i["name"] for i in dst["inputs"] if i.get("link") == l[0])
+        new_links.append([l[0], l[1], l[2], l[3], names.index(old), l[5]])
+    return {**ui, "nodes": nodes, "links": new_links}
+
+
+def _run_workflow(comfy, name, clip_file=None):
+    from host import workflows as wf
+    info = comfy.object_info()
+    ui = _shrink_workflow(wf.load(WORKFLOWS / name), info, clip_file)
+    problems = wf.validate(ui, info)
+    assert not problems, problems
+    out = comfy.run(wf.to_api(ui, info))
+    saves = [n["id"] for n in ui["nodes"] if n["type"] == "CVGSaveVideo"]
+    assert len(saves) == 1
+    return out[str(saves[0])]["cvg_video"][0]
+
+
+def test_workflow_long_extend_runs(comfy, files):
+    entry = _run_workflow(comfy, "long_extend.json")
+    assert entry["frames"] == 9 + 4 + 4  # 2 segments of 9 with overlap 5, then one extension
+
+
+def test_workflow_story_keyframes_runs(comfy, files):
+    entry = _run_workflow(comfy, "long_story_keyframes.json")
+    assert entry["frames"] == (3 - 1) * 4 + 1  # 3 prompts -> 3 keyframes, 3 frames between
+
+
+def test_workflow_interpolate_x4_runs(comfy, files):
+    from models import video_files as vf
+    g = torch.Generator().manual_seed(4)
+    clip = torch.rand(5, H, W, 3, generator=g)
+    path = vf.write_video(str(comfy.input_dir / "cvg_lv_clip.mkv"), clip, format="mkv-ffv1", fps=8.0)
+    entry = _run_workflow(comfy, "interpolate_x4.json", clip_file=__import__("os").path.basename(path))
+    assert entry["frames"] == (3 - 1) * 4 + 1  # frame_cap 3 originals, x4
