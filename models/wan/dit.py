@@ -219,12 +219,25 @@ def _rms_cast(x, weight, eps, dtype):
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(dtype)
 
 
+def _gate_norm_affine(x, y, gate, weight, bias, eps, dtype):
+    """x + y·gate (the new residual, float32) and its affine LayerNorm cast to the compute dtype."""
+    x = torch.addcmul(x, y, gate)
+    return x, _norm_affine(x, weight, bias, eps, dtype)
+
+
+def _add_modulate(x, y, shift, scale, eps, dtype):
+    """x + y (the new residual, float32) and LN(x + y)·(1 + scale) + shift in the compute dtype."""
+    x = x + y
+    return x, _modulate(x, shift, scale, eps, dtype)
+
+
 class Ops:
-    def __init__(self, norm_rope, modulate, norm_affine, rms_cast):
+    def __init__(self, norm_rope, modulate, norm_affine, rms_cast, gate_norm_affine, add_modulate):
         self.norm_rope, self.modulate, self.norm_affine, self.rms_cast = norm_rope, modulate, norm_affine, rms_cast
+        self.gate_norm_affine, self.add_modulate = gate_norm_affine, add_modulate
 
 
-EAGER = Ops(_norm_rope, _modulate, _norm_affine, _rms_cast)
+EAGER = Ops(_norm_rope, _modulate, _norm_affine, _rms_cast, _gate_norm_affine, _add_modulate)
 
 
 class _Compiled:
@@ -256,8 +269,9 @@ _FUSED = None
 def fused_ops():
     global _FUSED
     if _FUSED is None:
-        _FUSED = Ops(_Compiled(_norm_rope_real, _norm_rope), _Compiled(_modulate, _modulate),
-                     _Compiled(_norm_affine, _norm_affine), _Compiled(_rms_cast, _rms_cast))
+        _FUSED = Ops(*(_Compiled(f, e) for f, e in (
+            (_norm_rope_real, _norm_rope), (_modulate, _modulate), (_norm_affine, _norm_affine),
+            (_rms_cast, _rms_cast), (_gate_norm_affine, _gate_norm_affine), (_add_modulate, _add_modulate))))
     return _FUSED
 
 
@@ -337,13 +351,14 @@ class WanBlock(nn.Module):
         # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
         eps = self.norm1.eps
-        # x + y·gate as one kernel (addcmul promotes y to float32)
+        # x = x + SelfAttn(LN1(x)·(1 + c0) + s0)·g0
         y = self.self_attn(ops.modulate(x, shift0, scale0, eps, dtype), rope, backend, ops)
-        x = torch.addcmul(x, y, gate0)
-        h = ops.norm_affine(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
-        x = x + self.cross_attn(h, context, context_img, image_strength, backend, ops)
-        y = self.ffn(ops.modulate(x, shift1, scale1, eps, dtype))
-        return torch.addcmul(x, y, gate1)
+        # x = x + CrossAttn(LN3_affine(x), context)
+        x, h = ops.gate_norm_affine(x, y, gate0, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
+        y = self.cross_attn(h, context, context_img, image_strength, backend, ops)
+        # x = x + FFN(LN2(x)·(1 + c1) + s1)·g1   (addcmul promotes y to float32)
+        x, h = ops.add_modulate(x, y, shift1, scale1, eps, dtype)
+        return torch.addcmul(x, self.ffn(h), gate1)
 
 
 class Head(nn.Module):

@@ -256,7 +256,8 @@ def test_fusable_ops_match_eager_ops():
     m = randomize(WanDiT(cfg), 13).eval()
     x, ctx, y, clip = inputs(cfg)
     t = torch.tensor([999.0, 3.0])
-    uncompiled = dit.Ops(dit._norm_rope_real, dit._modulate, dit._norm_affine, dit._rms_cast)
+    uncompiled = dit.Ops(dit._norm_rope_real, dit._modulate, dit._norm_affine, dit._rms_cast,
+                         dit._gate_norm_affine, dit._add_modulate)
     with torch.no_grad():
         a = m(x, t, ctx, clip_fea=clip, y=y)
         m._ops = lambda _x: uncompiled
