@@ -80,10 +80,15 @@ class SegmentSampler:
 
     def __init__(self, model, vae, positive, negative, seed, steps, cfg, shift, solver, perturbation,
                  frame_guidance, height, width, clip_vision=None, image_strength=1.0, progress=None,
-                 batched=False):
+                 batched=False, prompt_list=False):
         self.model = wan_model(model)
         self.vae = check_vae(vae)
-        self.pos = text_contexts(positive)[0]
+        prompts = text_contexts(positive)
+        if len(prompts) > 1 and not prompt_list:
+            raise ValueError(
+                f"positive holds {len(prompts)} prompts (e.g. from Conditioning Combine); this node takes one prompt "
+                f"for every segment — encode a single prompt, or use CVG Keyframes for a list of prompts")
+        self.pos = prompts[0]
         self.neg = text_contexts(negative, "negative")[0] if negative is not None else None
         self.seed, self.steps, self.cfg, self.shift, self.solver = int(seed), int(steps), float(cfg), float(shift), solver
         self.s, self.w = float(perturbation), float(frame_guidance)
@@ -345,7 +350,7 @@ class CVGKeyframes:
         prompts = text_contexts(positive)
         progress = comfy_bridge.Progress(steps * len(prompts))
         sampler = SegmentSampler(model, vae, positive, negative, seed, steps, cfg, shift, solver, 0.0, 0.0,
-                                 height, width, progress=progress)
+                                 height, width, progress=progress, prompt_list=True)
         out = []
         for i, ctx in enumerate(prompts):
             seg = LV.Segment(i, 0, 1, (), (0, 1), "unconditional")

@@ -366,3 +366,11 @@ def test_workflow_interpolate_x4_runs(comfy, files):
     path = vf.write_video(str(comfy.input_dir / "cvg_lv_clip.mkv"), clip, format="mkv-ffv1", fps=8.0)
     entry = _run_workflow(comfy, "interpolate_x4.json", clip_file=__import__("os").path.basename(path))
     assert entry["frames"] == (3 - 1) * 4 + 1  # frame_cap 3 originals, x4
+
+
+def test_prompt_list_outside_keyframes_is_a_clear_error(comfy, files):
+    prompt = {**loaders(),
+              "c": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["p", 0], "conditioning_2": ["n", 0]}},
+              "l": long_node(1, positive=["c", 0]), "s": save(["l", 0], "cvg_lv_two_prompts")}
+    err = comfy.run_expect_error(prompt)
+    assert "holds 2 prompts" in err and "CVG Keyframes" in err
