@@ -335,11 +335,16 @@ _MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
+# glibc keeps freed large blocks in its heap (dynamic mmap threshold), which makes peak RSS jump by tens
+# of MiB at random; a fixed mmap threshold returns them to the OS at once, so RSS follows live memory.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
+
+
 def _peak_rss_mib(n, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n), str(tmp_path / f"m{n}.mp4")],
-                         cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True,
-                         timeout=300)
+                         cwd=root, env={**os.environ, **_MALLOC_ENV, "PYTHONPATH": root}, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -352,3 +357,55 @@ def test_streaming_memory_is_flat_in_frame_count(tmp_path):
     full_tensor_mib = 480 * 256 * 256 * 3 * 4 / 2 ** 20
     print(f"peak RSS: 24 frames {short} MiB, 480 frames {long} MiB (full IMAGE would be {full_tensor_mib:.0f} MiB)")
     assert long - short < 40, (short, long)
+
+
+_DECODE_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from models import video_files as vf
+    from models.wan import vae as wv
+    t, folder = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)  # per-thread allocator arenas appear at random times otherwise
+    torch.manual_seed(0)
+    model = wv.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                      temperal_downsample=[False, True, True]).eval()
+
+    def decode_to_file(frames_latent, name):
+        z = torch.randn(1, 16, frames_latent, 16, 16)
+        biggest = 0
+        with torch.inference_mode(), vf.VideoWriter(f"{folder}/{name}.mp4", format="mp4", fps=16,
+                                                    preset="ultrafast") as w:
+            for chunk in model.decode_stream(z):  # [1,3,n,128,128] in -1..1
+                frames = ((chunk[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+                biggest = max(biggest, frames.shape[0])
+                w.write(frames)
+                del chunk, frames
+        assert w.frames_written == 4 * (frames_latent - 1) + 1 and biggest <= 4
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    decode_to_file(6, "warm")  # allocator, encoder pipeline and model warm-up (21 frames)
+    base = peak()
+    decode_to_file(t, "long")
+    print(peak() - base)
+""")
+
+
+def test_decode_to_file_memory_is_flat_in_clip_length(tmp_path):
+    """Wan-VAE decode_stream (tiny random model, 128x128) encoded to mp4 as the chunks come, as CVG Decode
+    To Video does. After a 21-frame warm-up decode, decoding a 93-frame clip may raise the peak RSS by
+    less than 8 MiB; decoding the whole clip first would hold at least two float32 copies of it
+    (decoder output + IMAGE), ~35 MiB."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    t = 24
+    out = subprocess.run([sys.executable, "-c", _DECODE_SCRIPT, str(t), str(tmp_path)], cwd=root,
+                         env={**os.environ, **_MALLOC_ENV, "PYTHONPATH": root}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    growth = float(out.stdout.strip().splitlines()[-1])
+    frames = 4 * (t - 1) + 1
+    assert vf.probe(str(tmp_path / "long.mp4"))["frame_count"] == frames
+    copy_mib = frames * 128 * 128 * 3 * 4 / 2 ** 20
+    print(f"decode-to-file: peak RSS grew {growth:.1f} MiB for {frames} frames after warm-up "
+          f"(one float32 copy of the clip: {copy_mib:.0f} MiB)")
+    assert growth < 8, growth
