@@ -30,6 +30,9 @@ ENCODE_CHUNK = 4  # frames per encoder chunk after the first single frame
 # run the very same operations.
 DEFAULT_MAX_PIECE_ELEMS = 1 << 25
 
+# On CUDA with channels-last activations, RMS_norm uses the fused F.rms_norm kernel.
+FAST_RMS_NORM = True
+
 
 def _roll(prev, x):
     """The cache a causal conv keeps after seeing `x`: the last CACHE_T frames of prev ++ x."""
@@ -78,10 +81,26 @@ class CausalConv3d(nn.Conv3d):
 
 
 def cached_conv(conv, x, state):
-    """Run a causal conv on one chunk and carry its cache in `state`."""
-    prev = state.get(conv)
-    state[conv] = _roll(prev, x)
-    return conv(x, prev)
+    """Run a causal conv on one chunk and carry its cache in `state`.
+
+    The conv's padded input is [zero frames | cached frames | x]; its last CACHE_T frames are the new
+    cache (a zero frame stands in for front padding, which the next call would add anyway). The old
+    cache is released before the new one is taken, so only one of them is alive at a time.
+    """
+    if not conv.time_pad:
+        return conv(x)
+    prev = state.pop(conv, None)
+    parts = []
+    have = 0 if prev is None else prev.shape[2]
+    if conv.time_pad > have:
+        parts.extend([torch.zeros_like(x[:, :, :1])] * (conv.time_pad - have))
+    if prev is not None:
+        parts.append(prev.to(x.device, x.dtype))
+    parts.append(x)
+    xin = torch.cat(parts, 2)
+    del parts, prev
+    state[conv] = xin[:, :, -CACHE_T:].clone()
+    return nn.Conv3d.forward(conv, xin)
 
 
 class RMS_norm(nn.Module):
@@ -94,6 +113,12 @@ class RMS_norm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(shape))
 
     def forward(self, x):
+        if (FAST_RMS_NORM and x.is_cuda and x.ndim == 5 and x.dtype in (torch.float16, torch.bfloat16)
+                and x.is_contiguous(memory_format=torch.channels_last_3d) and hasattr(F, "rms_norm")):
+            # Channels are innermost in memory: one fused pass (fp32 statistics inside the kernel).
+            # rms_norm(x) = normalize(x) * sqrt(C), up to the eps placement.
+            y = F.rms_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), self.gamma.reshape(-1).to(x.dtype), 1e-12)
+            return y.permute(0, 4, 1, 2, 3)
         if x.dtype in (torch.float16, torch.bfloat16):
             # Norm accumulated in fp32 without an fp32 copy of the activation.
             n = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
@@ -247,6 +272,25 @@ class _Head(nn.Sequential):
         return _split_time(self._piece, x, state, self[0].gamma.shape[0], self.max_piece_elems)
 
 
+def _per_frame(fn, x):
+    """fn applied to each frame of x in order (fn carries its causal caches), outputs stacked in time."""
+    t = x.shape[2]
+    if t == 1:
+        return fn(x)
+    out = None
+    for f in range(t):
+        y = fn(x[:, :, f:f + 1])
+        if out is None:
+            out = torch.empty((y.shape[0], y.shape[1], t * y.shape[2]) + tuple(y.shape[3:]), dtype=y.dtype,
+                              device=y.device)
+            if y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous():
+                out = out.contiguous(memory_format=torch.channels_last_3d)
+        n = y.shape[2]
+        out[:, :, f * n:(f + 1) * n] = y
+        del y
+    return out
+
+
 def _run_middle(middle, x, state):
     x = middle[0](x, state)
     x = middle[1](x)
@@ -272,9 +316,22 @@ class Encoder3d(nn.Module):
         )
         self.head = _Head(dims[-1], z_dim)
 
+        # Everything before the first temporal downsample is local in time (causal convs with a cache):
+        # it runs depth-first, one frame at a time, so full-resolution activations exist for one frame.
+        self.local_until = next((i for i, m in enumerate(self.downsamples)
+                                 if isinstance(m, Resample) and m.mode == "downsample3d"), len(self.downsamples))
+
     def forward(self, x, state):
-        x = cached_conv(self.conv1, x, state)
-        for layer in self.downsamples:
+        k = self.local_until
+
+        def local(y):
+            y = cached_conv(self.conv1, y, state)
+            for layer in self.downsamples[:k]:
+                y = layer(y, state)
+            return y
+
+        x = _per_frame(local, x)
+        for layer in self.downsamples[k:]:
             x = layer(x, state)
         x = _run_middle(self.middle, x, state)
         return self.head(x, state)
@@ -301,12 +358,23 @@ class Decoder3d(nn.Module):
         self.upsamples = nn.Sequential(*layers)
         self.head = _Head(dims[-1], 3)
 
+        # After the last temporal upsample everything is local in time: run it depth-first per frame.
+        ups = [i for i, m in enumerate(self.upsamples) if isinstance(m, Resample) and m.mode == "upsample3d"]
+        self.local_from = ups[-1] + 1 if ups else 0
+
     def forward(self, x, state):
         x = cached_conv(self.conv1, x, state)
         x = _run_middle(self.middle, x, state)
-        for layer in self.upsamples:
+        k = self.local_from
+        for layer in self.upsamples[:k]:
             x = layer(x, state)
-        return self.head(x, state)
+
+        def local(y):
+            for layer in self.upsamples[k:]:
+                y = layer(y, state)
+            return self.head(y, state)
+
+        return _per_frame(local, x)
 
 
 @dataclass
