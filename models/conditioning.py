@@ -202,10 +202,15 @@ def clip_features(*hidden_states):
                 f"CLIP vision output {i} has shape {tuple(h.shape)}; Wan I2V needs clip_vision_h "
                 f"penultimate states of width {CLIP_WIDTH} ([1, 257, 1280]). Load clip_vision_h.safetensors "
                 f"in CLIPVisionLoader")
-        out.append(h[:1].to(torch.float32))
+        out.append(h.reshape(1, -1, CLIP_WIDTH).to(torch.float32))  # a batch of frames → one token sequence
     if not out:
         return None
-    return torch.cat(out, dim=1)
+    feats = torch.cat(out, dim=1)
+    if feats.shape[1] not in (CLIP_TOKENS, 2 * CLIP_TOKENS):
+        raise ValueError(
+            f"CLIP vision features hold {feats.shape[1]} tokens; Wan takes one image (257 tokens, I2V) or two "
+            f"(514, FLF2V: first and last frame). Encode one image per CLIPVisionEncode")
+    return feats
 
 
 # -------------------------------------------------------------------------------- native interop

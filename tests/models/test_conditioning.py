@@ -174,6 +174,10 @@ def test_clip_features_and_perturbation():
     assert f.shape == (1, 514, 1280) and torch.equal(f[:, :257], a) and torch.equal(f[:, 257:], b)
     with pytest.raises(ValueError, match="clip_vision_h"):
         C.clip_features(torch.randn(1, 257, 768))
+    both = torch.cat([a, b])  # one CLIPVisionEncode over a batch of the two frames
+    assert torch.equal(C.clip_features(both), f)
+    with pytest.raises(ValueError, match="257 tokens"):
+        C.clip_features(torch.randn(3, 257, 1280))
     y = torch.cat([C.frame_mask(9, [0], 2, 2)[None], torch.randn(1, 16, 3, 2, 2)], dim=1)
     p = C.perturb_condition(y, 0.2, seed=7)
     from models.sampling import seeded_noise
