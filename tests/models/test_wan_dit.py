@@ -264,3 +264,56 @@ def test_fusable_ops_match_eager_ops():
         b = m(x, t, ctx, clip_fea=clip, y=y)
     assert (a - b).abs().max().item() < 1e-5
     assert m.fused is None and WanDiT(cfg)._ops(x) is dit.EAGER  # CPU tensors never take the compiled path
+
+
+def test_pipeline_velocity_is_reference_cfg_at_integer_timesteps():
+    """make_velocity_fn: two passes with the same y / clip_fea, only the text differs, model timestep
+    int(σ·1000); batch_cfg gives the same result in one batched call; cfg 1 skips the negative pass."""
+    from models import sampling
+    from models.wan import pipeline
+
+    cfg = tiny_config("i2v")
+    m = randomize(WanDiT(cfg), 14).eval()
+    x, ctx, y, clip = inputs(cfg, batch=1)
+    neg = torch.randn(1, 4, cfg.text_dim)
+    sigma = 0.99573
+    with torch.no_grad():
+        fn = pipeline.make_velocity_fn(m, ctx, neg, cfg=5.0, y=y, clip_fea=clip)
+        got = fn(x, sigma)
+        t = torch.tensor([995])
+        vc = m(x, t, ctx, clip_fea=clip, y=y)
+        vu = m(x, t, neg, clip_fea=clip, y=y)
+        batched = pipeline.make_velocity_fn(m, ctx, neg, cfg=5.0, y=y, clip_fea=clip, batch_cfg=True)(x, sigma)
+        single = pipeline.make_velocity_fn(m, ctx, None, cfg=1.0, y=y, clip_fea=clip)(x, sigma)
+    assert sampling.timestep(sigma) == 995
+    assert torch.allclose(got, vu + 5.0 * (vc - vu), atol=1e-5)
+    assert (batched - got).abs().max().item() < 1e-4
+    assert torch.equal(single, vc)
+    with pytest.raises(ValueError, match="width 4096|umT5"):
+        pipeline.make_velocity_fn(m, torch.randn(1, 77, 768), neg)
+
+
+def test_sample_video_raw_space_and_denoise():
+    from models import sampling
+    from models.wan import latent as wan_latent
+    from models.wan import pipeline
+
+    cfg = tiny_config()
+    m = randomize(WanDiT(cfg), 15).eval()
+    _, ctx, _, _ = inputs(cfg, batch=1)
+    neg = torch.zeros(1, 1, cfg.text_dim)
+    z = torch.zeros(1, 16, 2, 4, 6)
+    a = pipeline.sample_video(m, ctx, neg, z, seed=3, steps=2, cfg=3.0, solver="euler")
+    # by hand: Euler from the seeded noise in normalised space, then back to raw space
+    sig = sampling.wan_sigmas(2, 5.0, "euler")
+    fn = pipeline.make_velocity_fn(m, ctx, neg, 3.0)
+    xs = sampling.seeded_noise(z.shape, 3)
+    with torch.no_grad():
+        for s0, s1 in zip(sig[:-1].tolist(), sig[1:].tolist()):
+            xs = xs + (s1 - s0) * fn(xs, s0)
+    assert (a - wan_latent.denormalize(xs)).abs().max().item() < 1e-5
+    # denoise < 1 starts from the input latent: a different (and input-dependent) result
+    src = torch.randn(1, 16, 2, 4, 6)
+    b = pipeline.sample_video(m, ctx, neg, src, seed=3, steps=2, cfg=3.0, solver="euler", denoise=0.5)
+    c = pipeline.sample_video(m, ctx, neg, src * 2, seed=3, steps=2, cfg=3.0, solver="euler", denoise=0.5)
+    assert not torch.allclose(a, b) and not torch.allclose(b, c)
