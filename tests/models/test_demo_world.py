@@ -128,3 +128,10 @@ def test_encoder_shapes_and_padding_invariance():
     assert float(out[1, 10:].abs().max()) == 0.0
     # different captions give different embeddings
     assert float((out[0, :10] - out[1, :10]).abs().max()) > 1e-3
+
+
+def test_render_batch_matches_render():
+    caps = _captions(12, seed=5)
+    batch = world.render_batch(caps, 9, seeds=range(40, 52))
+    single = torch.stack([world.render(c, 9, seed=s) for c, s in zip(caps, range(40, 52))])
+    torch.testing.assert_close(batch, single, atol=1e-6, rtol=0)

@@ -1,0 +1,406 @@
+"""Train the bundled demo models on the demo world, in one seeded command.
+
+    python -m models.demo.train --out models/demo/weights            # GPU if there is one, else CPU
+    python -m models.demo.train --out /tmp/w --smoke                  # seconds, for checking the script
+
+Stages (all in this process, in order):
+1. Wan-VAE architecture autoencoder (`WanVAE`, tiny config VAE_CONFIG) on 9-frame clips: weighted L1 +
+   MSE reconstruction (object pixels weigh more), decoded from mu + small noise, plus a penalty that pulls
+   the per-channel batch mean/std of the latent to Wan's fixed LATENT_MEAN/LATENT_STD, so that
+   `latent.normalize` gives roughly unit-variance DiT inputs like the real VAE.
+2. A dataset of 17-frame clips is rendered and encoded once with the frozen VAE (DiT space).
+3. Jointly: the caption encoder, a T2V `WanDiT` (in_dim 16) and a known-frame `WanDiT` (in_dim 36:
+   noisy latent | 4-channel frame mask | condition latent, models/conditioning.py conventions), flow
+   matching with the sampler's convention x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, t = σ·1000.
+   10 % of captions are dropped to "" (classifier-free guidance). The known-frame model is trained on
+   the known-frame sets of FRAME_SETS (I2V, extension by 5 / 9 frames, first+last, every 4th frame, and
+   none = the frame-unconditional branch), with conditional latent perturbation z_s = (1−s)·z + s·ε,
+   s ~ U(0, 0.3) on 40 % of samples (only on latent frames that hold known frames).
+4. A quick evaluation (T2V prompt adherence, I2V frame-0 PSNR) with the pack's own sampler, written
+   to train_report.json next to the weights.
+
+`--vae-seconds/--dit-seconds` cap the wall-clock time of stages 1 and 3: the step count is then fixed
+after timing the first steps and written to train_report.json; pass it back with `--vae-steps/--dit-steps`
+(and no time cap) to repeat a run step for step.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .. import conditioning as cond
+from .. import sampling
+from ..wan import latent as wan_latent
+from ..wan.vae import WanVAE
+from . import captions as C
+from . import metrics, world
+
+VAE_CONFIG = {"dim": 16, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+              "temperal_downsample": [False, True, True]}
+# head_dim 64: models/wan/loading.detect_config derives heads from dim (128 if dim % 128 == 0, else 64).
+DIT_CONFIG = {"model_type": "t2v", "dim": 192, "ffn_dim": 512, "heads": 3, "layers": 4,
+              "text_dim": C.TEXT_DIM, "in_dim": 16, "out_dim": 16, "freq_dim": 256}
+# The known-frame model is a Wan "i2v" model (36 input channels) used without image tokens
+# (image_strength 0); its unused CLIP branch is kept tiny (image_dim 32).
+I2V_OVERRIDES = {"model_type": "i2v", "in_dim": 36, "image_dim": 32}
+ENCODER_CONFIG = {"dim": C.TEXT_DIM, "layers": 2, "heads": 4, "ffn": 128}
+FRAMES = 17
+FRAME_SETS = {  # known pixel frames of a 17-frame clip -> sampling weight
+    "i2v": ((0,), 0.35),
+    "extend5": (tuple(range(5)), 0.15),
+    "extend9": (tuple(range(9)), 0.10),
+    "first_last": ((0, 16), 0.15),
+    "every4": ((0, 4, 8, 12, 16), 0.10),
+    "none": ((), 0.15),
+}
+FILES = {"vae": "cvg_demo_vae.safetensors", "t2v": "cvg_demo_t2v.safetensors",
+         "i2v": "cvg_demo_i2v.safetensors", "text": "cvg_demo_text_encoder.safetensors"}
+
+
+def build_dit(**overrides):
+    from ..wan.dit import WanDiT  # imported late: the DiT module may be absent in a partial checkout
+    return WanDiT(**{**DIT_CONFIG, **overrides})
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def make_clips(n, frames, seed, device, batch=512):
+    """n deterministic (caption, clip) pairs: captions list, video [n, 3, T, H, W] in -1..1 (CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    caps = [C.random_caption(gen) for _ in range(n)]
+    seeds = torch.randint(2 ** 31 - 1, (n,), generator=gen).tolist()
+    out = []
+    for i in range(0, n, batch):
+        v = world.render_batch(caps[i:i + batch], frames, seeds=seeds[i:i + batch], device=device)
+        out.append((v.permute(0, 4, 1, 2, 3) * 2 - 1).to(torch.float16).cpu())
+    return caps, torch.cat(out)
+
+
+def _object_weight(x):
+    """1 on background, 5 on pixels that differ from the clip's corner pixel (always background)."""
+    corner = x[:, :, :1, :1, :1]
+    return 1.0 + 4.0 * ((x - corner).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+# ------------------------------------------------------------------------------------------- VAE
+
+def train_vae(args, device, log):
+    torch.manual_seed(args.seed)
+    vae = WanVAE(VAE_CONFIG).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    mean = torch.tensor(wan_latent.LATENT_MEAN, device=device)
+    std = torch.tensor(wan_latent.LATENT_STD, device=device)
+    n_clips = args.vae_clips
+    caps, clips = make_clips(n_clips, 9, args.seed + 1, device)
+    clips = clips.to(device)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    steps = args.vae_steps
+    t0 = time.time()
+    step = 0
+    last = {}
+    while step < steps:
+        idx = torch.randint(n_clips, (args.vae_batch,), generator=gen)
+        x = clips[idx.to(device)].float()
+        if step % 2:
+            x = x.flip(-1)
+        z = vae.encode(x)
+        zn = (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        zc = zn.transpose(0, 1).reshape(16, -1)
+        stat = (zc.mean(1) ** 2).mean() + ((zc.std(1) - 1) ** 2).mean()
+        noise = args.vae_latent_noise * torch.randn_like(z) * std.view(1, -1, 1, 1, 1)
+        y = decode_unclamped(vae, z + noise)
+        w = _object_weight(x)
+        rec = (w * (y - x).abs()).mean() + (w * (y - x) ** 2).mean()
+        loss = rec + args.vae_stat_weight * stat
+        lr = _lr(step, steps, args.vae_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step == 20 and args.vae_seconds:
+            per = (time.time() - t0) / 20
+            steps = min(steps, max(20, int(args.vae_seconds / per)))
+            log(f"vae: {per * 1000:.1f} ms/step -> {steps} steps")
+        if step % 100 == 0 or step == steps:
+            last = {"step": step, "loss": loss.item(), "rec": rec.item(), "stat": stat.item()}
+            log(f"vae {last} {time.time() - t0:.0f}s")
+    vae.eval().requires_grad_(False)
+    return vae, {"steps": step, "seconds": time.time() - t0, **last, "clips": n_clips, "batch": args.vae_batch}
+
+
+def decode_unclamped(vae, z):
+    """WanVAE.decode without the final clamp to [-1, 1] (a clamp stops the gradient of saturated
+    pixels, which stalled the first training attempt); same per-latent-frame loop with a carried cache."""
+    state = {}
+    frames = [vae.decoder(vae.conv2(z[:, :, t:t + 1]), state) for t in range(z.shape[2])]
+    return torch.cat(frames, 2)
+
+
+def _lr(step, steps, base, warmup=100):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+@torch.no_grad()
+def encode_normalised(vae, video, batch=256):
+    out = []
+    for i in range(0, video.shape[0], batch):
+        z = vae.encode(video[i:i + batch].to(vae.device, torch.float32))
+        out.append(wan_latent.normalize(z).to(torch.float32))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vae_quality(vae, device, seed, n=64):
+    caps, clips = make_clips(n, FRAMES, seed, device)
+    ok = 0
+    ps = []
+    zs = []
+    for i in range(0, n, 32):
+        x = clips[i:i + 32].to(device, torch.float32)
+        z = vae.encode(x)
+        zs.append(wan_latent.normalize(z).transpose(0, 1).reshape(16, -1))
+        y = vae.decode(z)
+        for j in range(x.shape[0]):
+            a = ((x[j] + 1) / 2).permute(1, 2, 3, 0).cpu()
+            b = ((y[j] + 1) / 2).permute(1, 2, 3, 0).cpu()
+            ps.append(world.psnr(a, b))
+            ok += metrics.adherence(caps[i + j], b)["all"]
+    zc = torch.cat(zs, 1)
+    return {"recon_psnr_db": sum(ps) / len(ps), "recon_adherence": ok / n,
+            "latent_norm_mean_abs": float(zc.mean(1).abs().mean()), "latent_norm_std_mean": float(zc.std(1).mean())}
+
+
+# ------------------------------------------------------------------------------------------- DiT
+
+def build_dit_dataset(vae, args, device, log):
+    t0 = time.time()
+    n = args.dit_clips
+    caps, clips = make_clips(n, FRAMES, args.seed + 3, device)
+    x0 = encode_normalised(vae, clips)
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    names = list(FRAME_SETS)
+    probs = torch.tensor([FRAME_SETS[k][1] for k in names])
+    kind = torch.multinomial(probs, n, replacement=True, generator=gen)
+    cvid = torch.zeros_like(clips)
+    h = w = world.SIZE // 8
+    masks = torch.stack([cond.frame_mask(FRAMES, FRAME_SETS[k][0], h, w) for k in names])  # [K,4,T,h,w]
+    for ki, k in enumerate(names):
+        sel = kind == ki
+        for f in FRAME_SETS[k][0]:
+            cvid[sel, :, f] = clips[sel, :, f]
+    ycond = encode_normalised(vae, cvid)
+    ycond[(kind == names.index("none")).to(ycond.device)] = 0.0
+    ids, lengths = C.batch_tokens([c.text() for c in caps])
+    log(f"dit dataset: {n} clips in {time.time() - t0:.0f}s; latent std {float(x0.std()):.3f}")
+    return {"x0": x0, "y": ycond, "kind": kind, "masks": masks, "ids": ids, "lengths": lengths,
+            "captions": caps}
+
+
+def train_dits(vae, data, args, device, log):
+    torch.manual_seed(args.seed + 5)
+    enc = C.CaptionEncoder(**ENCODER_CONFIG).to(device).train()
+    t2v = build_dit().to(device).train()
+    i2v = build_dit(**I2V_OVERRIDES).to(device).train()
+    params = list(enc.parameters()) + list(t2v.parameters()) + list(i2v.parameters())
+    opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.01)
+    n = data["x0"].shape[0]
+    gen = torch.Generator().manual_seed(args.seed + 6)
+    dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    x0_all, y_all, kind_all = dev(data["x0"]), dev(data["y"]), dev(data["kind"])
+    masks, ids_all, len_all = dev(data["masks"]), dev(data["ids"]), dev(data["lengths"])
+    empty_ids, empty_len = C.batch_tokens([""])
+    empty_ids, empty_len = dev(empty_ids), dev(empty_len)
+    steps = args.dit_steps
+    t0 = time.time()
+    step = 0
+    last = {}
+    B = args.dit_batch
+    while step < steps:
+        idx = dev(torch.randint(n, (B,), generator=gen))
+        x0 = x0_all[idx]
+        ids, lengths = ids_all[idx].clone(), len_all[idx].clone()
+        drop = dev(torch.rand(B, generator=gen) < 0.1)
+        ids[drop] = empty_ids
+        lengths[drop] = empty_len
+        ctx = enc(ids, lengths)
+        # sigma: half logit-normal, half uniform
+        u = torch.rand(B, generator=gen)
+        ln = torch.sigmoid(torch.randn(B, generator=gen))
+        sigma = dev(torch.where(torch.rand(B, generator=gen) < 0.5, ln, u).clamp(1e-3, 1.0))
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        s5 = sigma.view(-1, 1, 1, 1, 1)
+        xs = (1 - s5) * x0 + s5 * eps
+        target = eps - x0
+        v = t2v(xs, sigma * 1000, ctx)
+        loss_t2v = F.mse_loss(v.float(), target)
+        # known-frame model: same batch, its own frame sets and noise
+        kind = kind_all[idx]
+        mask = masks[kind]
+        ycond = y_all[idx]
+        pert = dev((torch.rand(B, generator=gen) < 0.4).float() * torch.rand(B, generator=gen) * 0.3)
+        known_lat = (mask.amax(dim=(1, 3, 4)) > 0).float()[:, None, :, None, None]
+        pe = torch.randn(ycond.shape, generator=gen).to(device)
+        p5 = pert.view(-1, 1, 1, 1, 1) * known_lat
+        ycond = (1 - p5) * ycond + p5 * pe
+        y = torch.cat([mask, ycond], 1)
+        v2 = i2v(xs, sigma * 1000, ctx, y=y, image_strength=0.0)
+        loss_i2v = F.mse_loss(v2.float(), target)
+        loss = loss_t2v + loss_i2v
+        lr = _lr(step, steps, args.dit_lr, warmup=200)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step == 30 and args.dit_seconds:
+            per = (time.time() - t0) / 30
+            steps = min(steps, max(30, int(args.dit_seconds / per)))
+            log(f"dit: {per * 1000:.1f} ms/step -> {steps} steps")
+        if step % 200 == 0 or step == steps:
+            last = {"step": step, "loss_t2v": loss_t2v.item(), "loss_i2v": loss_i2v.item()}
+            log(f"dit {last} {time.time() - t0:.0f}s")
+    for m in (enc, t2v, i2v):
+        m.eval().requires_grad_(False)
+    return enc, t2v, i2v, {"steps": step, "seconds": time.time() - t0, **last, "batch": B,
+                           "clips": n}
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def generate(dit, enc, caption, seed, device, steps=20, shift=3.0, guidance=4.0, y=None,
+             frames=FRAMES, solver="unipc"):
+    """Normalised latent [1,16,T,8,8] sampled with the pack's sampler (CFG on the caption)."""
+    t_lat = wan_latent.latent_frames(frames)
+    x = sampling.seeded_noise((1, 16, t_lat, world.SIZE // 8, world.SIZE // 8), seed).to(device)
+    c = enc.encode(caption).to(device)
+    u = enc.encode("").to(device)
+    sig = sampling.wan_sigmas(steps, shift, solver)
+
+    def vel(xx, s):
+        t = torch.full((2,), float(sampling.timestep(s)), device=device)
+        ctx = torch.zeros(2, max(c.shape[1], u.shape[1]), c.shape[2], device=device)
+        ctx[0, : c.shape[1]] = c[0]
+        ctx[1, : u.shape[1]] = u[0]
+        kw = {} if y is None else {"y": y.expand(2, -1, -1, -1, -1), "image_strength": 0.0}
+        out = dit(xx.expand(2, -1, -1, -1, -1), t, ctx, **kw)
+        return sampling.cfg(out[:1], out[1:], guidance)
+
+    return sampling.sample(vel, x, sig, solver)
+
+
+def to_images(vae, z_norm):
+    video = vae.decode(wan_latent.denormalize(z_norm.to(vae.device, vae.dtype)))
+    return ((video[0].float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).cpu()
+
+
+@torch.no_grad()
+def evaluate(vae, enc, t2v, i2v, device, n, seed=1234):
+    gen = torch.Generator().manual_seed(seed)
+    res = {"t2v_all": 0, "t2v_colour": 0, "t2v_shape": 0, "t2v_motion": 0, "i2v_psnr0": [], "i2v_all": 0}
+    for i in range(n):
+        cap = C.random_caption(gen, motions=("moving",))
+        a = metrics.adherence(cap, to_images(vae, generate(t2v, enc, cap.text(), i, device)))
+        for k in ("all", "colour", "shape", "motion"):
+            res[f"t2v_{k}"] += a[k]
+        ref = world.render(cap, FRAMES, seed=10_000 + i)
+        y = cond.build_condition(lambda v: vae.encode(v.to(device)), {0: ref[0].permute(2, 0, 1) * 2 - 1},
+                                 FRAMES, world.SIZE, world.SIZE).to(device)
+        out = to_images(vae, generate(i2v, enc, cap.text(), i, device, y=y))
+        res["i2v_psnr0"].append(world.psnr(out[0], ref[0]))
+        res["i2v_all"] += metrics.adherence(cap, out)["all"]
+    out = {k: v / n for k, v in res.items() if k != "i2v_psnr0"}
+    out["i2v_psnr0_db"] = sum(res["i2v_psnr0"]) / n
+    out["seeds"] = n
+    return out
+
+
+# ------------------------------------------------------------------------------------------- save
+
+def _half(state):
+    return {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in state.items()}
+
+
+def save_all(out, vae, enc, t2v, i2v, report):
+    os.makedirs(out, exist_ok=True)
+    meta = {"cvg_demo": "1", "seed": str(report["args"]["seed"])}
+    save_file(_half(vae.state_dict()), os.path.join(out, FILES["vae"]),
+              {**meta, "config": json.dumps(VAE_CONFIG)})
+    save_file(_half(t2v.state_dict()), os.path.join(out, FILES["t2v"]),
+              {**meta, "config": json.dumps(DIT_CONFIG)})
+    save_file(_half(i2v.state_dict()), os.path.join(out, FILES["i2v"]),
+              {**meta, "config": json.dumps({**DIT_CONFIG, **I2V_OVERRIDES})})
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in enc.state_dict().items()},
+              os.path.join(out, FILES["text"]), {**meta, "config": json.dumps(ENCODER_CONFIG)})
+    with open(os.path.join(out, "train_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=6000)
+    p.add_argument("--vae-seconds", type=float, default=0, help="wall-clock cap for the VAE stage (0 = none)")
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-clips", type=int, default=4096)
+    p.add_argument("--vae-lr", type=float, default=5e-4)
+    p.add_argument("--vae-stat-weight", type=float, default=0.1)
+    p.add_argument("--vae-latent-noise", type=float, default=0.05)
+    p.add_argument("--dit-steps", type=int, default=20000)
+    p.add_argument("--dit-seconds", type=float, default=0, help="wall-clock cap for the DiT stage (0 = none)")
+    p.add_argument("--dit-batch", type=int, default=256)
+    p.add_argument("--dit-clips", type=int, default=16384)
+    p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--eval", type=int, default=32, help="seeds of the closing evaluation (0 = skip)")
+    p.add_argument("--vae-eval", type=int, default=64, help="clips of the VAE reconstruction check")
+    p.add_argument("--smoke", action="store_true", help="a few steps of everything (checks the script)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.vae_steps, args.vae_clips, args.vae_batch = 3, 8, 2
+        args.dit_steps, args.dit_clips, args.dit_batch, args.eval = 3, 16, 4, 1
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    t_start = time.time()
+    logs = []
+
+    def log(msg):
+        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
+        logs.append(msg)
+
+    vae, vae_rep = train_vae(args, device, log)
+    vq = vae_quality(vae, device, args.seed + 100, n=8 if args.smoke else args.vae_eval)
+    log(f"vae quality {vq}")
+    data = build_dit_dataset(vae, args, device, log)
+    enc, t2v, i2v, dit_rep = train_dits(vae, data, args, device, log)
+    report = {"args": vars(args), "vae": {**vae_rep, **vq}, "dit": dit_rep,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__}
+    save_all(args.out, vae, enc, t2v, i2v, report)  # save before the evaluation, in case it fails
+    if args.eval:
+        ev = evaluate(vae, enc, t2v, i2v, device, args.eval)
+        log(f"eval {ev}")
+        report["eval"] = ev
+    report["total_seconds"] = time.time() - t_start
+    report["log"] = logs
+    save_all(args.out, vae, enc, t2v, i2v, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
