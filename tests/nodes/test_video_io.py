@@ -177,3 +177,74 @@ def test_audio_input_is_optional_audio(comfy):
     info = comfy.object_info()["CVGSaveVideo"]["input"]
     assert info["optional"]["audio"][0] == "AUDIO"
     assert "audio" not in info["required"]
+
+
+# ------------------------------------------------------------------------------ CVG Decode To Video
+
+VAE_CFG = dict(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+VAE_FILE = "cvg_video_io_tiny_vae.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(comfy):
+    from models.wan import vae as wv
+    from models.wan import vae_loading as vl
+
+    torch.manual_seed(5)
+    model = wv.WanVAE(**VAE_CFG).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():  # random everywhere, including zero-initialised parameters
+            p.copy_(torch.randn_like(p) * 0.2)
+    vl.save_wan_vae(model, comfy.models_dir / "vae" / VAE_FILE)
+    frames = source_clip(t=9, h=32, w=48)
+    vf.write_video(str(comfy.input_dir / "cvg_vae_clip.mkv"), frames, format="mkv-ffv1", fps=FPS)
+    return model, frames
+
+
+def test_decode_to_video_equals_decode_then_save(comfy, tiny_vae):
+    """Streaming decode-to-file gives exactly the frames of CVG VAE Decode -> CVG Save Video (lossless),
+    and the same frames as decoding the latent in this process."""
+    model, frames = tiny_vae
+    prompt = {
+        "1": {"class_type": "CVGLoadVAE", "inputs": {"vae_name": VAE_FILE, "dtype": "fp32", "device": "auto"}},
+        "2": load_node("cvg_vae_clip.mkv"),
+        "3": {"class_type": "CVGVAEEncode", "inputs": {"vae": ["1", 0], "images": ["2", 0]}},
+        "4": {"class_type": "CVGDecodeToVideo", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
+                                                           "filename_prefix": "cvgtest/d2v", "format": "mkv-ffv1",
+                                                           "fps": FPS, "crf": 19, "preset": "medium"}},
+        "5": {"class_type": "CVGVAEDecode", "inputs": {"vae": ["1", 0], "samples": ["3", 0], "tiling": "off",
+                                                       "tile_size": 512, "tile_overlap": 64}},
+        "6": save_node(["5", 0], "cvgtest/d2v_ref", "mkv-ffv1"),
+        "7": {"class_type": "CVGDecodeToVideo", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
+                                                           "filename_prefix": "cvgtest/d2v", "format": "mp4",
+                                                           "fps": FPS, "crf": 19, "preset": "veryfast"}},
+    }
+    out = comfy.run(prompt)
+    entry, path = saved(comfy, out, "4")
+    _, ref_path = saved(comfy, out, "6")
+    streamed, fps = vf.read_video(path)
+    reference, _ = vf.read_video(ref_path)
+    assert streamed.shape == (9, 32, 48, 3) and fps == pytest.approx(FPS)
+    assert torch.equal(streamed, reference)
+    with torch.no_grad():
+        video = model.decode(model.encode(frames.permute(3, 0, 1, 2)[None] * 2 - 1))
+    local = ((video[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+    assert (streamed - local).abs().max() <= 1.01 / 255  # 8-bit quantisation only
+    assert vf.read_metadata(path)["prompt"]["4"]["class_type"] == "CVGDecodeToVideo"
+    _, mp4 = saved(comfy, out, "7")
+    assert out["7"]["cvg_video"][0]["mime"] == "video/mp4"
+    # a random-weight decoder outputs high-frequency noise: H.264 4:2:0 at crf 19 keeps ~29 dB of it
+    assert vf.psnr(vf.read_video(mp4)[0], reference) > 25
+
+
+def test_decode_to_video_rejects_image_latent(comfy, tiny_vae):
+    prompt = {
+        "1": {"class_type": "CVGLoadVAE", "inputs": {"vae_name": VAE_FILE, "dtype": "fp32", "device": "auto"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "CVGDecodeToVideo", "inputs": {"samples": ["2", 0], "vae": ["1", 0],
+                                                           "filename_prefix": "cvgtest/bad", "format": "mp4",
+                                                           "fps": FPS, "crf": 19, "preset": "medium"}},
+    }
+    err = comfy.run_expect_error(prompt)
+    assert "Wan video LATENT" in err
+    assert not [p for p in comfy.output_files() if p.name.startswith("bad_")]
