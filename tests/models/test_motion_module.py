@@ -140,6 +140,16 @@ def test_too_many_frames_for_the_positional_encoding():
         m(torch.randn(25, 32, 1, 1), 25)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_training_betas_match_diffusers(schedule):
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=schedule).betas
+    ours = mm.training_betas(schedule)
+    assert ours.shape == (1000,)
+    assert torch.allclose(ours.float(), ref.float(), rtol=1e-6, atol=1e-9)
+
+
 def load_manifest(version):
     with open(MANIFESTS / f"animatediff_mm_sd15_v{version}.json") as f:
         return json.load(f)
