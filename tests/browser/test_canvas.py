@@ -135,3 +135,43 @@ def test_frame_count_hints(page):
     assert "not 4k+1" in labels["80"] and "77 or 81" in labels["80"]
     assert labels["other"] == "skip_first"
     assert page.console.pack_errors() == []
+
+
+@pytest.mark.parametrize("fmt,mime,name", [("webp", "image/webp", "restore.webp"),
+                                           ("png-sequence", "image/png", "frame_000001.png")])
+def test_dropped_output_restores_workflow(page, comfy, source_video, fmt, mime, name):
+    """A file saved from a browser-queued graph carries the workflow (EXTRA_PNGINFO); handing it to the
+    frontend's file loader (what a drop on the canvas does) restores that graph."""
+    graph = json.loads(ROUND_TRIP.read_text())
+    for node in graph["nodes"]:
+        if node["type"] == "CVGLoadVideo":
+            node["widgets_values"][7] = source_video
+            node["widgets_values"][0] = 5
+        if node["type"] == "CVGSaveVideo":
+            node["widgets_values"][0] = f"restore/{fmt}"
+            node["widgets_values"][1] = fmt
+    load_graph(page, graph)
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("""() => { const n = window.app.graph._nodes.find(n => n.type === 'CVGSaveVideo');
+                                      return n && n.cvgLastUrl && n.cvgLastUrl.includes('restore'); }""",
+                           timeout=180000)
+    restored = page.evaluate("""async ([mime, name]) => {
+        const n = window.app.graph._nodes.find(n => n.type === 'CVGSaveVideo');
+        const url = mime === 'image/png'
+            ? n.cvgLastUrl.replace(/filename=[^&]*/, 'filename=frame_000001.png')
+                          .replace(/subfolder=([^&]*)/, (m, s) => 'subfolder=' + s + '%2F' +
+                               encodeURIComponent(decodeURIComponent(n.cvgLastUrl.match(/filename=([^&]*)/)[1])))
+            : n.cvgLastUrl;
+        const blob = await (await fetch(url)).blob();
+        await window.app.loadGraphData({nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4});
+        const before = window.app.graph._nodes.length;
+        await window.app.handleFile(new File([blob], name, {type: mime}));
+        for (let i = 0; i < 50 && window.app.graph._nodes.length === before; i++)
+            await new Promise(r => setTimeout(r, 100));
+        return window.app.graph._nodes.map(n => [n.type, n.widgets_values || (n.widgets || []).map(w => w.value)]);
+    }""", [mime, name])
+    types = sorted(t for t, _ in restored)
+    assert types == sorted(n["type"] for n in graph["nodes"]), restored
+    saver = next(v for t, v in restored if t == "CVGSaveVideo")
+    assert saver[0] == f"restore/{fmt}" and saver[1] == fmt
+    assert page.console.pack_errors() == []
