@@ -310,3 +310,38 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match=r"weights-only"):
         vl.load_wan_vae(tmp_path / "evil.pth")
     assert not os.path.exists("/tmp/cvg_vae_pwned")
+
+
+def test_channels_last_activations_match():
+    model = tiny(CFG_A)
+    x = video(5)
+    with torch.inference_mode():
+        z = model.encode(x)
+        y = model.decode(z)
+        model.set_channels_last(True)
+        z_cl = model.encode(x)
+        y_cl = model.decode(z)
+    assert (z_cl - z).abs().max() <= 1e-5 and (y_cl - y).abs().max() <= 1e-5
+
+
+def _state_bytes(state):
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def test_stream_state_is_flat_in_the_number_of_frames():
+    """The carried cache holds CACHE_T frames per conv whatever the clip length (memory stays flat)."""
+    model = tiny(CFG_A)
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        dec = model.decoder_stream()
+        sizes = []
+        for _ in range(6):
+            dec.push(torch.randn(1, 4, 1, 2, 3, generator=g))
+            sizes.append(_state_bytes(dec.state))
+        enc = model.encoder_stream()
+        esizes = []
+        for _ in range(5):
+            enc.push(video(4, seed=len(esizes)))
+            esizes.append(_state_bytes(enc.state))
+    assert sizes[1] > 0 and len(set(sizes[2:])) == 1
+    assert esizes[1] > 0 and len(set(esizes[1:])) == 1
