@@ -22,6 +22,8 @@ from . import comfy_bridge
 
 SOLVERS = list(sampling.SOLVERS)
 PERTURB_SEED_OFFSET = 7919
+BATCH_PASSES = ("BOOLEAN", {"default": False, "tooltip": "run the cond / text-uncond / frame-uncond passes as one "
+                                                        "batch (faster on a GPU with memory to spare)"})
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -251,16 +253,17 @@ class CVGExtendVideo:
         req["segment_length"] = ("INT", {"default": 81, "min": 5, "max": 1025, "step": 4})
         req["overlap_frames"] = ("INT", {"default": 5, "min": 1, "max": 1021, "step": 4})
         req.update(lvdm_inputs())
-        return {"required": req, "optional": {"clip_vision": ("CLIP_VISION",)}}
+        return {"required": req, "optional": {"clip_vision": ("CLIP_VISION",), "batch_passes": BATCH_PASSES}}
 
     def extend(self, model, vae, positive, negative, images, seed, steps, cfg, shift, solver, segment_length,
-               overlap_frames, perturbation, frame_guidance, color_anchor, clip_vision=None):
+               overlap_frames, perturbation, frame_guidance, color_anchor, clip_vision=None, batch_passes=False):
         images = check_images(images, "images")
         n = images.shape[0]
         plan = LV.plan_extension(1, segment_length, overlap_frames, initial_frames=n)
         progress = comfy_bridge.Progress(steps)
         sampler = SegmentSampler(model, vae, positive, negative, seed, steps, cfg, shift, solver, perturbation,
-                                 frame_guidance, images.shape[1], images.shape[2], clip_vision, progress=progress)
+                                 frame_guidance, images.shape[1], images.shape[2], clip_vision, progress=progress,
+                                 batched=bool(batch_passes))
         given = {g: images[g] for g in plan[0].known_global}
         new, results = run_plan(sampler, plan, given, color_anchor)
         return (torch.cat([images, new], dim=0), _metrics_json(results))
@@ -290,11 +293,12 @@ class CVGLongVideoSampler:
         req["segment_length"] = ("INT", {"default": 81, "min": 5, "max": 1025, "step": 4})
         req["overlap_frames"] = ("INT", {"default": 5, "min": 1, "max": 1021, "step": 4})
         req.update(lvdm_inputs())
-        return {"required": req, "optional": {"start_images": ("IMAGE",), "clip_vision": ("CLIP_VISION",)}}
+        return {"required": req, "optional": {"start_images": ("IMAGE",), "clip_vision": ("CLIP_VISION",),
+                                              "batch_passes": BATCH_PASSES}}
 
     def generate(self, model, vae, positive, negative, width, height, num_segments, seed, steps, cfg, shift, solver,
                  segment_length, overlap_frames, perturbation, frame_guidance, color_anchor, start_images=None,
-                 clip_vision=None):
+                 clip_vision=None, batch_passes=False):
         given = {}
         if start_images is not None:
             start_images = check_images(start_images, "start_images")
@@ -308,7 +312,8 @@ class CVGLongVideoSampler:
             plan = LV.plan_extension(num_segments, segment_length, overlap_frames)
         progress = comfy_bridge.Progress(steps * len(plan))
         sampler = SegmentSampler(model, vae, positive, negative, seed, steps, cfg, shift, solver, perturbation,
-                                 frame_guidance, height, width, clip_vision, progress=progress)
+                                 frame_guidance, height, width, clip_vision, progress=progress,
+                                 batched=bool(batch_passes))
         frames, results = run_plan(sampler, plan, given, color_anchor)
         if start_images is not None:
             frames = torch.cat([start_images, frames], dim=0)
@@ -378,10 +383,10 @@ class CVGInterpolator:
         req.update(sampler_inputs())
         req.update(lvdm_inputs())
         req["keep_keyframes"] = ("BOOLEAN", {"default": True})
-        return {"required": req, "optional": {"clip_vision": ("CLIP_VISION",)}}
+        return {"required": req, "optional": {"clip_vision": ("CLIP_VISION",), "batch_passes": BATCH_PASSES}}
 
     def interpolate(self, model, vae, positive, negative, keyframes, frames_between, seed, steps, cfg, shift, solver,
-                    perturbation, frame_guidance, color_anchor, keep_keyframes, clip_vision=None):
+                    perturbation, frame_guidance, color_anchor, keep_keyframes, clip_vision=None, batch_passes=False):
         keyframes = check_images(keyframes, "keyframes")
         plan = LV.plan_interpolation(keyframes.shape[0], frames_between)
         step = int(frames_between) + 1
@@ -389,7 +394,7 @@ class CVGInterpolator:
         progress = comfy_bridge.Progress(steps * len(plan))
         sampler = SegmentSampler(model, vae, positive, negative, seed, steps, cfg, shift, solver, perturbation,
                                  frame_guidance, keyframes.shape[1], keyframes.shape[2], clip_vision,
-                                 progress=progress)
+                                 progress=progress, batched=bool(batch_passes))
         frames, results = run_plan(sampler, plan, given, color_anchor, paste_known=bool(keep_keyframes))
         return (frames, _metrics_json(results))
 

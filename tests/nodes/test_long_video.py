@@ -374,3 +374,14 @@ def test_prompt_list_outside_keyframes_is_a_clear_error(comfy, files):
               "l": long_node(1, positive=["c", 0]), "s": save(["l", 0], "cvg_lv_two_prompts")}
     err = comfy.run_expect_error(prompt)
     assert "holds 2 prompts" in err and "CVG Keyframes" in err
+
+
+@pytest.mark.parametrize("model", [T2V, I2V])
+def test_batched_passes_equal_separate_passes(comfy, files, model):
+    lvdm = {"perturbation": 0.1, "frame_guidance": 0.5, "color_anchor": 0.0}
+    prompt = {**loaders(model), "a": long_node(2, **lvdm), "b": long_node(2, **lvdm, batch_passes=True),
+              "sa": save(["a", 0], "cvg_lv_sep"), "sb": save(["b", 0], "cvg_lv_bat")}
+    out = comfy.run(prompt)
+    a, b = saved_frames(comfy, out, "sa"), saved_frames(comfy, out, "sb")
+    assert a.shape == b.shape == (13, H, W, 3)
+    assert (a - b).abs().max() <= 1.0 / 255 + 1e-6
