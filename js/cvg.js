@@ -10,7 +10,8 @@ const EXT = "comfyui-cvg.canvas";
 const SAVERS = new Set(["CVGSaveVideo", "CVGDecodeToVideo"]);
 const LOADER = "CVGLoadVideo";
 // Widgets holding a pixel frame count that the Wan VAE maps exactly only when it is 4k+1.
-const FRAME_WIDGETS = new Set(["length", "num_frames", "frames", "frame_count", "video_length", "frame_cap"]);
+const FRAME_WIDGETS = new Set(["length", "num_frames", "frames", "frame_count", "video_length", "frame_cap",
+  "segment_length", "overlap_frames"]);
 const VIDEO_EXT = /\.(mp4|webm|mov|m4v|ogv)$/i;
 const IMAGE_EXT = /\.(gif|webp|png)$/i;
 
@@ -129,20 +130,27 @@ export function frameHint(n) {
   return `⚠ not 4k+1: use ${lower} or ${lower + 4}`;
 }
 
-function attachFrameHint(node, widget) {
+function attachFrameHint(node, widget, opts) {
   if (widget.cvgHint) return;
   widget.cvgHint = true;
   const base = widget.label || widget.name;
+  // A "min 1 (or 5, ...), step 4" widget means 1, 5, 9, ...; the March-2024 frontend rounds INT values to
+  // multiples of the step (81 -> 80) instead, so snap back onto the 4k+1 grid after its rounding.
+  const min = Number(opts?.min ?? 0);
+  const snap = Number(opts?.step) === 4 && min >= 1 && (min - 1) % 4 === 0;
   const update = () => {
     const hint = frameHint(widget.value);
-    const label = hint ? `${base} (${hint})` : base;
-    widget.label = label;
+    widget.label = hint ? `${base} (${hint})` : base;
     widget.cvgHintText = hint;
     node.graph?.setDirtyCanvas(true, false);
   };
   const cb = widget.callback;
   widget.callback = function () {
     const r = cb?.apply(this, arguments);
+    if (snap && Number.isFinite(Number(widget.value))) {
+      const v = Math.max(min, min + Math.round((Number(widget.value) - min) / 4) * 4);
+      if (v !== widget.value) widget.value = v;
+    }
     update();
     return r;
   };
@@ -150,10 +158,14 @@ function attachFrameHint(node, widget) {
   node.cvgHintUpdaters = (node.cvgHintUpdaters || []).concat(update);
 }
 
+function frameSpec(nodeData, name) {
+  const spec = nodeData?.input?.required?.[name] ?? nodeData?.input?.optional?.[name];
+  return spec?.[1] ?? {};
+}
+
 function isFrameWidget(nodeData, widget) {
   if (!widget || widget.type !== "number" || !FRAME_WIDGETS.has(widget.name)) return false;
-  const spec = nodeData?.input?.required?.[widget.name] ?? nodeData?.input?.optional?.[widget.name];
-  const opts = spec?.[1] ?? {};
+  const opts = frameSpec(nodeData, widget.name);
   if (opts.cvg_4k1 === false) return false;
   if (opts.cvg_4k1 === true) return true;
   // AnimateDiff context lengths are not Wan frame counts.
@@ -228,7 +240,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       try {
-        for (const w of this.widgets || []) if (isFrameWidget(nodeData, w)) attachFrameHint(this, w);
+        for (const w of this.widgets || []) if (isFrameWidget(nodeData, w)) attachFrameHint(this, w, frameSpec(nodeData, w.name));
         // The current frontend builds its own upload widget + preview from `video_upload`; only the
         // old frontend needs ours.
         if (name === LOADER && !this.widgets?.some((w) => w.name === "upload" || w.type === "button")) {

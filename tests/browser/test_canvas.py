@@ -134,6 +134,30 @@ def test_frame_count_hints(page):
     assert "not 4k+1" in labels["8"] and "5 or 9" in labels["8"]
     assert "not 4k+1" in labels["80"] and "77 or 81" in labels["80"]
     assert labels["other"] == "skip_first"
+    # every other CVG node with a Wan frame-count widget gets the same hint
+    others = page.evaluate("""() => {
+        const names = ['length', 'num_frames', 'frames', 'frame_count', 'video_length', 'segment_length'];
+        const out = [];
+        for (const type of Object.keys(window.LiteGraph.registered_node_types)) {
+            if (!type.startsWith('CVG') || type === 'CVGLoadVideo') continue;
+            const node = window.LiteGraph.createNode(type);
+            if (String(node.constructor.category || '').toLowerCase().includes('animatediff')) continue;
+            for (const w of node.widgets || []) {
+                if (!names.includes(w.name)) continue;
+                // what the old frontend does on an edit: set, then its callback rounds to the step
+                w.value = 81; w.callback && w.callback(81);
+                const v81 = [w.value, w.label];
+                w.value = 79; w.callback && w.callback(79);
+                out.push([type, w.name, v81, [w.value, w.label]]);
+            }
+        }
+        return out;
+    }""")
+    assert others, "no CVG node with a frame-count widget was found"
+    for node_type, name, v81, v79 in others:
+        assert v81[0] == 81 and "21 latent" in v81[1], (node_type, name, v81)
+        # 79 is either snapped onto the 4k+1 grid (step-4 widgets) or flagged
+        assert (v79[0] in (77, 81) and "latent" in v79[1]) or "not 4k+1" in v79[1], (node_type, name, v79)
     assert page.console.pack_errors() == []
 
 
