@@ -10,6 +10,12 @@ CACHE_T = 2 frames of its input in a per-stream state dict (keyed by the module)
 fed in any pieces and gives exactly the same result as the whole clip: `encode`/`decode` themselves are
 thin loops over the streams. Separate streams (e.g. spatial tiles) each own their state.
 
+Memory: the stages that are local in time (encoder: before the first temporal downsample; decoder:
+after the last temporal upsample) run depth-first one frame at a time, so full-resolution activations
+exist for one frame only; the carried caches (CACHE_T frames per conv) are the bulk of the memory and
+do not grow with the clip length. On CUDA `set_channels_last()` keeps activations NDHWC (faster
+cuDNN conv3d, fused RMS norm).
+
 Values: video in -1..1 [B,3,T,H,W]; latents in RAW VAE space (mu before normalisation) [B,z,t,h,w],
 the convention of ComfyUI's native Wan latents; `latent.normalize` maps raw -> DiT space.
 """

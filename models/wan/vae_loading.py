@@ -241,6 +241,13 @@ def wan_vae_from_state_dict(state, dtype=None, device="cpu", name="checkpoint", 
         raise checkpoints.CheckpointError(f"{name}: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a tensor")
     state = _select_vae_keys(state)
     state, _layout = _to_wan_names(state, name)
+    conv_in = state.get("encoder.conv1.weight")
+    if any(".avg_shortcut." in k for k in state) or (conv_in is not None and conv_in.ndim == 5 and conv_in.shape[1] != 3):
+        raise checkpoints.CheckpointError(
+            f"{name} looks like a Wan2.2 VAE (patchified {list(conv_in.shape) if conv_in is not None else '?'} "
+            "input conv / residual down-blocks, 48 latent channels), which is not the Wan2.1 VAE this loader "
+            "reads. Pick wan_2.1_vae.safetensors (Wan2.1 and Wan2.2-14B models use it)."
+        )
     if config is None:
         config = infer_config(state, name)
     expected = expected_shapes(config)

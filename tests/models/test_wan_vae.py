@@ -285,6 +285,18 @@ def test_loader_errors_are_clear(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match=r"truncated"):
         vl.load_wan_vae(tmp_path / "truncated.safetensors")
 
+    torch.save(sd, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoints.CheckpointError, match=r"truncated"):
+        vl.load_wan_vae(tmp_path / "truncated.pth")
+
+    wan22 = dict(sd)
+    wan22["encoder.conv1.weight"] = torch.zeros(8, 12, 3, 3, 3)
+    save_file(wan22, tmp_path / "wan2.2_vae.safetensors")
+    with pytest.raises(checkpoints.CheckpointError, match=r"Wan2.2 VAE"):
+        vl.load_wan_vae(tmp_path / "wan2.2_vae.safetensors")
+
     (tmp_path / "notes.safetensors").write_text("this is not a tensor file\n" * 10)
     with pytest.raises(checkpoints.CheckpointError):
         vl.load_wan_vae(tmp_path / "notes.safetensors")
