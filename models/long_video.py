@@ -7,7 +7,8 @@ Pieces, each usable alone:
   (conditioned) and the local range it contributes to the output. Stitching is by construction: the kept
   ranges tile the timeline exactly once (:func:`check_plan`).
 * **Conditional latent perturbation** (:func:`perturb`): z_s = (1 − s)·z + s·ε, ε seeded, s in σ units, done
-  once per segment; the sampler then holds z_s fixed as the condition.
+  once per segment; the sampler then holds z_s fixed as the condition. (LVDM also feeds s to the model
+  through a label embedding; the released Wan checkpoints have none, so s only acts through the data.)
 * **Known frames for plain T2V models** (:class:`FrameSubstitution`): before every model evaluation the
   known latent frames of the model input are replaced by the condition at noise level ℓ = max(σ, s):
   for σ ≤ s they are z_s itself; for σ > s, z_s is noised further to σ:
