@@ -53,10 +53,14 @@ def test_workflow_loads_in_canvas(page, path):
     assert state["missing"] == [], f"{path.name}: node types missing on the canvas: {state['missing']}"
     assert state["cvgMissing"] == []
     assert sorted(state["loaded"]) == sorted(n["type"] for n in graph["nodes"])
-    # The frontend put every saved value into the widget of the same name (no positional shift).
+    # The frontend put every saved value of the pack's nodes into the widget of the same name (no
+    # positional shift). Native nodes are skipped: their widgets differ between ComfyUI versions (e.g.
+    # CLIPLoader gained type "wan" and a device widget after the March-2024 test host).
     shown = page.evaluate("""() => Object.fromEntries(window.app.graph._nodes.map(n =>
         [n.id, (n.widgets || []).map(w => [w.name, w.type, w.value])]))""")
     for node in graph["nodes"]:
+        if not node["type"].startswith("CVG"):
+            continue
         values = node.get("widgets_values") or []
         widgets = shown[str(node["id"])]
         assert len(widgets) >= len(values), (node["type"], widgets, values)
