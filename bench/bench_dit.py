@@ -213,8 +213,13 @@ def main(argv=None):
                 ours(x, t, ctx, clip_fea=clip, y=y)
                 sync(device)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+        ref = None
         if not args.no_diffusers:
-            ref = diffusers_model(ours, cfg, device, dtype)
+            try:
+                ref = diffusers_model(ours, cfg, device, dtype)
+            except Exception as e:  # not installed, or an environment where it does not import
+                print(f"  diffusers  skipped: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+        if ref is not None:
             xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
             peak_reset(device)
             s = timed(lambda: ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0], device,
