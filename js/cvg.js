@@ -120,6 +120,17 @@ function showMedia(node, entry) {
   }
 }
 
+function hidePreview(node) {
+  const p = node.cvgPreview;
+  if (!p) return;
+  p.video.pause?.();
+  p.video.removeAttribute("src");
+  p.video.style.display = "none";
+  p.img.removeAttribute("src");
+  p.img.style.display = "none";
+  p.note.style.display = "none";
+}
+
 // ----------------------------------------------------------------------------------- frame counts
 
 export function frameHint(n) {
@@ -279,7 +290,13 @@ app.registerExtension({
         const entry = message?.cvg_video?.[message.cvg_video.length - 1];
         if (entry) {
           try {
-            showMedia(this, entry);
+            if (message.images?.length) {
+              // gif / webp / png frame: the frontend's own image preview shows it; do not double it.
+              this.cvgLastUrl = viewUrl(entry);
+              hidePreview(this);
+            } else {
+              showMedia(this, entry);
+            }
           } catch (e) {
             console.warn(`[${EXT}] preview failed:`, e);
           }

@@ -93,7 +93,10 @@ def test_mp4_metadata_is_container_metadata(tmp_path):
         assert json.loads(c.metadata["workflow"]) == META["workflow"]
     with open(path, "rb") as f:
         data = f.read()
-    assert b"mdta" in data and b"keys" in data  # use_metadata_tags layout
+    # use_metadata_tags layout, in the order the current frontend's ISOBMFF reader walks it, and moved
+    # before the media data (faststart) so a reader of the first bytes finds it
+    pos = [data.find(box) for box in (b"moov", b"udta", b"meta", b"mdta", b"keys", b"ilst", b"data", b"mdat")]
+    assert -1 not in pos and pos == sorted(pos), pos
 
 
 def test_webp_exif_layout_matches_comfyui(tmp_path):
