@@ -265,3 +265,71 @@ def iter_decode_auto(vae, z, tile=None, overlap=DEFAULT_OVERLAP, out_device=None
             _empty_cache(vae.device)
             if on_retry:
                 on_retry(tile)
+
+
+# ---- encoding ----------------------------------------------------------------------------------------
+def encode_tiled(vae, frames, tile, overlap=DEFAULT_OVERLAP, shape=None, progress=None):
+    """Tile-major tiled encode -> raw latent [B,z,t,h,w] float32 on the model's device.
+
+    frames: a video tensor [B,3,T,H,W] in -1..1, or a callable `frames(s, e, y0, y1, x0, x1)` returning
+    frames s:e of pixel rows y0:y1 / columns x0:x1 as such a tensor (so the source can stay on the CPU;
+    then `shape` = (B, T, H, W)). tile/overlap are latent pixels. Each tile is streamed through time
+    (chunks 1, 4, 4, …) with its own carried cache; the latents are blended with linear ramps.
+    """
+    if isinstance(frames, torch.Tensor):
+        video = frames
+        vae.check_video(video)
+        shape = (video.shape[0],) + tuple(video.shape[2:])
+
+        def frames(s, e, y0, y1, x0, x1):  # noqa: F811 - the tensor as a callable
+            return video[:, :, s:e, y0:y1, x0:x1]
+    b, t_pix, hp, wp = shape
+    s = vae.spatial_stride
+    h, w = hp // s, wp // s
+    plan = TilePlan(h, w, tile[0], tile[1], overlap, scale=1, device=vae.device)
+    chunks = [(0, 1)] + [(i, i + 4) for i in range(1, t_pix, 4)]
+    out = None
+    for y0, y1, x0, x1, weight in plan.tiles():
+        stream = vae.encoder_stream()
+        pos = 0
+        for c0, c1 in chunks:
+            z = stream.push(frames(c0, c1, y0 * s, y1 * s, x0 * s, x1 * s))
+            if out is None:
+                out = torch.zeros((b, z.shape[1], vae.latent_frames(t_pix), h, w), dtype=torch.float32,
+                                  device=vae.device)
+            if plan.single:
+                out[:, :, pos:pos + z.shape[2]] = z.float()
+            else:
+                out[:, :, pos:pos + z.shape[2], y0:y1, x0:x1] += z.float() * weight[0, 0, 0].to(z.device)
+            pos += z.shape[2]
+            del z
+            if progress:
+                progress(1)
+        stream.close()
+    return out
+
+
+def encode_auto(vae, frames, shape=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, free_bytes=None,
+                on_retry=None):
+    """encode_tiled with the tile picked from free memory (`tile` None: whole frames when they fit) and
+    the same out-of-memory fallback as decode_auto (the encode restarts with halved tiles)."""
+    if shape is None:
+        shape = (frames.shape[0],) + tuple(frames.shape[2:])
+    s = vae.spatial_stride
+    h, w = shape[2] // s, shape[3] // s
+    if tile is None:
+        tile = auto_tile(vae, h, w, free_bytes)
+    while True:
+        try:
+            return encode_tiled(vae, frames, tile or (h, w), overlap, shape, progress)
+        except Exception as e:  # noqa: BLE001 - only OOM is handled
+            if not is_oom(e):
+                raise
+            current = tile or (h, w)
+            if current[0] <= MIN_TILE and current[1] <= MIN_TILE:
+                raise
+            tile = _shrink(tile, h, w)
+            del e
+            _empty_cache(vae.device)
+            if on_retry:
+                on_retry(tile)

@@ -75,30 +75,43 @@ class CVGVae:
         return module
 
     # ---- encoding ---------------------------------------------------------------------------------
-    def encode_images(self, images):
+    def encode_images(self, images, tiling="auto", tile_size=None, overlap=None):
         """IMAGE [T,H,W,C] in 0..1 (T = 4k+1, H and W multiples of 8) -> raw latent [1,16,t,h,w] float32
-        on ComfyUI's intermediate device. Frames move to the GPU chunk by chunk (1, 4, 4, …)."""
+        on ComfyUI's intermediate device. Frames move to the GPU chunk by chunk (1, 4, 4, …) with the
+        causal cache carried; 'auto' tiles spatially only when whole frames do not fit in free memory
+        (or on out-of-memory), like the decoder."""
         _check_images(images)
-        t = images.shape[0]
-        model = self.model(images.shape[1] * images.shape[2])
-        chunks = [(0, 1)] + [(s, s + 4) for s in range(1, t, 4)]
-        progress = comfy_bridge.Progress(len(chunks))
-        stream = model.encoder_stream()
-        outs = []
+        t, hp, wp = images.shape[:3]
+        s = self.spatial_stride
+        h, w = hp // s, wp // s
+        model = self.model(hp * wp)
+        tile, ov = self._tile((h, w), tiling, tile_size, overlap)
+        chosen = tile if tile is not None else tiles.auto_tile(model, h, w)
+        n_chunks = 1 + (t - 1) // 4
+        bar = [comfy_bridge.Progress(n_chunks * len(tiles.TilePlan(h, w, *(chosen or (h, w)), ov, scale=1)))]
+
+        def retry(new_tile):
+            bar[0] = comfy_bridge.Progress(n_chunks * len(tiles.TilePlan(h, w, *new_tile, ov, scale=1)))
+
+        def step(n):
+            bar[0].update(n)
+
+        def source(s0, s1, y0, y1, x0, x1):
+            x = images[s0:s1, y0:y1, x0:x1, :3].to(model.device, torch.float32)
+            return (x * 2.0 - 1.0).to(model.dtype).permute(3, 0, 1, 2).unsqueeze(0)
+
+        shape = (1, t, hp, wp)
         with torch.inference_mode():
-            for s, e in chunks:
-                x = images[s:e, :, :, :3].to(model.device, model.dtype).permute(3, 0, 1, 2).unsqueeze(0)
-                z = stream.push(x * 2.0 - 1.0)
-                outs.append(z.to(comfy_bridge.intermediate_device(), torch.float32))
-                del x, z
-                progress.update(1)
-            stream.close()
-        return torch.cat(outs, 2)
+            if tiling == "off":
+                z = tiles.encode_tiled(model, source, (h, w), ov, shape, step)
+            else:
+                z = tiles.encode_auto(model, source, shape, chosen, ov, step, on_retry=retry)
+        return z.to(comfy_bridge.intermediate_device(), torch.float32)
 
     # ---- decoding ---------------------------------------------------------------------------------
-    def _tile(self, model, z, mode, tile_size, overlap):
-        """(tile in latent px or None for auto, overlap in latent px) for a tiling mode."""
-        h, w = z.shape[3:]
+    def _tile(self, size, mode, tile_size, overlap):
+        """(tile in latent px or None for auto, overlap in latent px) for a tiling mode; size = latent (h, w)."""
+        h, w = size
         ov = tiles.DEFAULT_OVERLAP if overlap is None else max(0, int(overlap) // self.spatial_stride)
         if mode == "off":
             return (h, w), ov
@@ -119,7 +132,7 @@ class CVGVae:
         _check_latent(z_raw, self.latent_channels)
         b, _, t, h, w = z_raw.shape
         model = self.model(h * w * self.spatial_stride ** 2)
-        tile, ov = self._tile(model, z_raw, tiling, tile_size, overlap)
+        tile, ov = self._tile((h, w), tiling, tile_size, overlap)
         out_device = comfy_bridge.intermediate_device()
         frames = []
         with torch.inference_mode():
@@ -151,7 +164,7 @@ class CVGVae:
         _check_latent(z_raw, self.latent_channels)
         b, _, t, h, w = z_raw.shape
         model = self.model(h * w * self.spatial_stride ** 2)
-        tile, ov = self._tile(model, z_raw, tiling, tile_size, overlap)
+        tile, ov = self._tile((h, w), tiling, tile_size, overlap)
         for i in range(b):
             progress = comfy_bridge.Progress(t)
             with torch.inference_mode():

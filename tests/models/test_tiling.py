@@ -119,3 +119,45 @@ def test_non_oom_errors_are_not_swallowed(model, z, monkeypatch):
     monkeypatch.setattr(wv.WanDecoderStream, "push", push)
     with pytest.raises(RuntimeError, match="something else"):
         tiling.decode_auto(model, z, tile=(4, 4))
+
+
+def _video(t=5, h=48, w=72, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, t, h, w, generator=g) * 2 - 1
+
+
+def test_tiled_encode_single_tile_exact_and_error_bound(model):
+    x = _video()
+    with torch.inference_mode():
+        full = model.encode(x)
+        one = tiling.encode_tiled(model, x, (6, 9))
+        tiled = tiling.encode_tiled(model, x, (4, 5), overlap=2)
+        src = lambda s, e, y0, y1, x0, x1: x[:, :, s:e, y0:y1, x0:x1]  # noqa: E731
+        called = tiling.encode_tiled(model, src, (4, 5), overlap=2, shape=(1, 5, 48, 72))
+        auto = tiling.encode_auto(model, x, free_bytes=1 << 40)
+    assert torch.equal(one, full) and torch.equal(auto, full)
+    assert torch.equal(called, tiled)
+    assert tiled.shape == full.shape == (1, 4, 2, 6, 9)
+    err = (tiled - full).abs().mean().item()
+    unrelated = (full - full.flip(-1)).abs().mean().item()
+    assert 0 < err < 0.6 * unrelated
+
+
+def test_encode_oom_falls_back_to_smaller_tiles(model, monkeypatch):
+    x = _video()
+    real_push = wv.WanEncoderStream.push
+
+    def push(self, frames):
+        if frames.shape[-1] > 24 or frames.shape[-2] > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_push(self, frames)
+
+    monkeypatch.setattr(wv.WanEncoderStream, "push", push)
+    monkeypatch.setattr(tiling, "MIN_TILE", 2)
+    tried = []
+    with torch.inference_mode():
+        got = tiling.encode_auto(model, x, overlap=1, free_bytes=1 << 40, on_retry=tried.append)
+        monkeypatch.setattr(wv.WanEncoderStream, "push", real_push)
+        direct = tiling.encode_tiled(model, x, tried[-1], overlap=1)
+    assert tried and max(tried[-1]) <= 3
+    assert torch.equal(got, direct)
