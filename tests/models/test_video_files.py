@@ -412,3 +412,13 @@ def test_decode_to_file_memory_is_flat_in_clip_length(tmp_path):
     print(f"decode-to-file: peak RSS grew {growth:.1f} MiB for {frames} frames after warm-up "
           f"(one float32 copy of the clip: {copy_mib:.0f} MiB)")
     assert growth < 8, growth
+
+
+@pytest.mark.parametrize("fmt", ["webm", "mkv-ffv1"])
+def test_matroska_tags_precede_media(tmp_path, fmt):
+    """The current frontend reads WebM tags from the first 2 MiB: PROMPT / WORKFLOW SimpleTags must sit in
+    the header, before the first Cluster, however long the clip."""
+    path = vf.write_video(out_path(tmp_path, fmt), clip(t=30), format=fmt, fps=FPS, metadata=META)
+    data = open(path, "rb").read()
+    cluster = data.find(b"\x1f\x43\xb6\x75")
+    assert 0 < data.find(b"PROMPT") < cluster and 0 < data.find(b"WORKFLOW") < cluster
