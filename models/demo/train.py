@@ -103,6 +103,7 @@ def train_vae(args, device, log):
     t0 = time.time()
     step = 0
     last = {}
+    run = {"rec": 0.0, "stat": 0.0}
     while step < steps:
         idx = torch.randint(n_clips, (args.vae_batch,), generator=gen)
         x = clips[idx.to(device)].float()
@@ -125,12 +126,16 @@ def train_vae(args, device, log):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
+        run["rec"] += float(rec.detach())
+        run["stat"] += float(stat.detach())
         if step == 20 and args.vae_seconds:
             per = (time.time() - t0) / 20
             steps = min(steps, max(20, int(args.vae_seconds / per)))
             log(f"vae: {per * 1000:.1f} ms/step -> {steps} steps")
         if step % 100 == 0 or step == steps:
-            last = {"step": step, "loss": loss.item(), "rec": rec.item(), "stat": stat.item()}
+            k = step % 100 or 100
+            last = {"step": step, "rec_mean": run["rec"] / k, "stat_mean": run["stat"] / k}
+            run = {"rec": 0.0, "stat": 0.0}
             log(f"vae {last} {time.time() - t0:.0f}s")
     vae.eval().requires_grad_(False)
     return vae, {"steps": step, "seconds": time.time() - t0, **last, "clips": n_clips, "batch": args.vae_batch}
@@ -226,6 +231,7 @@ def train_dits(vae, data, args, device, log):
     step = 0
     last = {}
     B = args.dit_batch
+    run = [0.0, 0.0]
     while step < steps:
         idx = dev(torch.randint(n, (B,), generator=gen))
         x0 = x0_all[idx]
@@ -265,12 +271,16 @@ def train_dits(vae, data, args, device, log):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        run[0] += float(loss_t2v.detach())
+        run[1] += float(loss_i2v.detach())
         if step == 30 and args.dit_seconds:
             per = (time.time() - t0) / 30
             steps = min(steps, max(30, int(args.dit_seconds / per)))
             log(f"dit: {per * 1000:.1f} ms/step -> {steps} steps")
         if step % 200 == 0 or step == steps:
-            last = {"step": step, "loss_t2v": loss_t2v.item(), "loss_i2v": loss_i2v.item()}
+            k = step % 200 or 200
+            last = {"step": step, "loss_t2v_mean": run[0] / k, "loss_i2v_mean": run[1] / k}
+            run = [0.0, 0.0]
             log(f"dit {last} {time.time() - t0:.0f}s")
     for m in (enc, t2v, i2v):
         m.eval().requires_grad_(False)
@@ -356,14 +366,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=6000)
     p.add_argument("--vae-seconds", type=float, default=0, help="wall-clock cap for the VAE stage (0 = none)")
-    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-clips", type=int, default=4096)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-stat-weight", type=float, default=0.1)
     p.add_argument("--vae-latent-noise", type=float, default=0.05)
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--dit-seconds", type=float, default=0, help="wall-clock cap for the DiT stage (0 = none)")
-    p.add_argument("--dit-batch", type=int, default=256)
+    p.add_argument("--dit-batch", type=int, default=512)
     p.add_argument("--dit-clips", type=int, default=16384)
     p.add_argument("--dit-lr", type=float, default=5e-4)
     p.add_argument("--eval", type=int, default=32, help="seeds of the closing evaluation (0 = skip)")
