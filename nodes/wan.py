@@ -67,6 +67,9 @@ class CVGLoadWanModel:
                                          attention_backend=attention)
         except checkpoints.CheckpointError as e:
             raise ValueError(f"CVG Load Wan Model: {e}") from e
+        # CVG_WAN_COMPILE=0 turns off the torch.compile'd elementwise groups (on by default on CUDA + Triton)
+        if os.environ.get("CVG_WAN_COMPILE", "1").strip().lower() in ("0", "false", "off", "no"):
+            model.fused = False
         return (comfy_bridge.wrap_model(model, load_device=load_device),)
 
 
