@@ -349,7 +349,9 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend, ops=EAGER):
         # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
-        shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        # (.to: ComfyUI's low-VRAM loading moves only modules that have a `weight`, so these stay behind)
+        shift0, scale0, gate0, shift1, scale1, gate1 = (
+            self.modulation.to(e0.device, torch.float32) + e0).unsqueeze(2).unbind(1)
         eps = self.norm1.eps
         # x = x + SelfAttn(LN1(x)·(1 + c0) + s0)·g0
         y = self.self_attn(ops.modulate(x, shift0, scale0, eps, dtype), rope, backend, ops)
@@ -369,7 +371,7 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e):
-        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
+        shift, scale = (self.modulation.to(e.device, torch.float32) + e[:, None]).unsqueeze(2).unbind(1)
         return self.head(self.norm(x) * (1 + scale) + shift)  # float32, as the reference
 
 
@@ -387,7 +389,7 @@ class ImageEmbedding(nn.Module):
 
     def forward(self, clip_fea, dtype):
         if hasattr(self, "emb_pos"):
-            clip_fea = clip_fea.float() + self.emb_pos.float()
+            clip_fea = clip_fea.float() + self.emb_pos.to(clip_fea.device, torch.float32)
         norm0, lin1, act, lin3, norm4 = self.proj
         h = lin1(norm0(clip_fea).to(dtype))
         h = lin3(act(h))
