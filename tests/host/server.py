@@ -121,6 +121,10 @@ class ComfyServer:
     def object_info(self):
         return self.get("/object_info")
 
+    def comfyui_version(self):
+        """The server's ComfyUI version, or None for trees older than the version report (the test host)."""
+        return (self.get("/system_stats").get("system") or {}).get("comfyui_version")
+
     # -- prompts ----------------------------------------------------------------------------------
     def queue(self, prompt):
         status, reply = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
