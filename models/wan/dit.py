@@ -16,7 +16,7 @@ Numerics follow the reference:
     "scaled fp8" files), so no full-precision copy of the model is ever kept.
 """
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from .. import checkpoints
 from ..checkpoints import CheckpointError
-from .dit import WanConfig, WanDiT, build_model
+from .dit import WanConfig, build_model
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
 
