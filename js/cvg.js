@@ -238,10 +238,167 @@ function previewSelected(node) {
   showMedia(node, entry);
 }
 
+// ------------------------------------------------------------------------- workflows in video files
+// Reads what CVG Save Video embeds (and current ComfyUI's video savers): mp4/mov udta/meta keys+ilst,
+// Matroska/WebM SimpleTags, the GIF comment "CVG-METADATA:{...}". Used when a file is dropped on the canvas.
+
+const HEAD_BYTES = 64 * 1024 * 1024;
+const td = new TextDecoder();
+
+function findBox(d, start, end, name) {
+  const n = [...name].map((c) => c.charCodeAt(0));
+  for (let i = start; i + 8 <= end; i++) {
+    if (d[i + 4] === n[0] && d[i + 5] === n[1] && d[i + 6] === n[2] && d[i + 7] === n[3]) {
+      const size = ((d[i] << 24) >>> 0) + (d[i + 1] << 16) + (d[i + 2] << 8) + d[i + 3];
+      if (size >= 8 && i + size <= end) return [i, i + size];
+    }
+  }
+  return null;
+}
+
+function readU32(d, i) {
+  return ((d[i] << 24) >>> 0) + (d[i + 1] << 16) + (d[i + 2] << 8) + d[i + 3];
+}
+
+export function mp4Metadata(d) {
+  const out = {};
+  const keys = findBox(d, 0, d.length, "keys");
+  const ilst = findBox(d, 0, d.length, "ilst");
+  if (!keys || !ilst) return out;
+  const names = [];
+  let p = keys[0] + 16; // size, 'keys', version/flags, count
+  while (p + 8 <= keys[1]) {
+    const size = readU32(d, p);
+    if (size < 8) break;
+    names.push(td.decode(d.subarray(p + 8, p + size)));
+    p += size;
+  }
+  p = ilst[0] + 8;
+  while (p + 8 <= ilst[1]) {
+    const size = readU32(d, p);
+    if (size < 8) break;
+    const index = readU32(d, p + 4);
+    const data = findBox(d, p + 8, p + size, "data");
+    if (data && names[index - 1]) out[names[index - 1].toLowerCase()] = td.decode(d.subarray(data[0] + 16, data[1]));
+    p += size;
+  }
+  return out;
+}
+
+function vint(d, i, keepMarker) {
+  const first = d[i];
+  let len = 1;
+  while (len <= 8 && !(first & (0x80 >> (len - 1)))) len++;
+  if (len > 8) return null;
+  let value = keepMarker ? first : first & (0xff >> len);
+  for (let k = 1; k < len; k++) value = value * 256 + d[i + k];
+  return [value, len];
+}
+
+export function matroskaMetadata(d) {
+  const out = {};
+  for (let i = 0; i + 4 < d.length; i++) {
+    if (d[i] !== 0x67 || d[i + 1] !== 0xc8) continue; // SimpleTag
+    const size = vint(d, i + 2);
+    if (!size) continue;
+    let p = i + 2 + size[1];
+    const end = Math.min(d.length, p + size[0]);
+    let name = null;
+    let value = null;
+    while (p < end) {
+      const id = vint(d, p, true);
+      if (!id) break;
+      const len = vint(d, p + id[1]);
+      if (!len) break;
+      const body = p + id[1] + len[1];
+      if (id[0] === 0x45a3) name = td.decode(d.subarray(body, body + len[0]));
+      else if (id[0] === 0x4487) value = td.decode(d.subarray(body, body + len[0]));
+      p = body + len[0];
+    }
+    if (name && value !== null) out[name.toLowerCase()] = value;
+  }
+  return out;
+}
+
+export function gifMetadata(d) {
+  const tag = [...GIF_TAG].map((c) => c.charCodeAt(0));
+  for (let i = d.length - tag.length - 3; i >= 0; i--) {
+    if (d[i] !== 0x21 || d[i + 1] !== 0xfe) continue;
+    if (!tag.every((c, k) => d[i + 3 + k] === c)) continue;
+    const parts = [];
+    let p = i + 2;
+    while (p < d.length && d[p] !== 0) {
+      parts.push(d.subarray(p + 1, p + 1 + d[p]));
+      p += 1 + d[p];
+    }
+    const text = parts.map((x) => td.decode(x)).join("").slice(GIF_TAG.length);
+    try {
+      return Object.fromEntries(Object.entries(JSON.parse(text)).map(([k, v]) => [k.toLowerCase(), v]));
+    } catch {
+      return {};
+    }
+  }
+  return {};
+}
+const GIF_TAG = "CVG-METADATA:";
+
+async function videoFileMetadata(file) {
+  const name = (file.name || "").toLowerCase();
+  const isGif = file.type === "image/gif" || name.endsWith(".gif");
+  const slice = isGif ? file.slice(Math.max(0, file.size - 8 * 1024 * 1024)) : file.slice(0, HEAD_BYTES);
+  const d = new Uint8Array(await slice.arrayBuffer());
+  if (isGif) return gifMetadata(d);
+  if (d[0] === 0x1a && d[1] === 0x45 && d[2] === 0xdf && d[3] === 0xa3) return matroskaMetadata(d);
+  if (td.decode(d.subarray(4, 8)) === "ftyp") return mp4Metadata(d);
+  return {};
+}
+
+function isVideoFile(file) {
+  const name = (file?.name || "").toLowerCase();
+  return /^video\//.test(file?.type || "") || file?.type === "image/gif" || /\.(mp4|m4v|mov|webm|mkv|gif)$/.test(name);
+}
+
+function parseJson(value) {
+  if (value == null) return null;
+  if (typeof value !== "string") return value;
+  try {
+    return JSON.parse(value);
+  } catch {
+    return null;
+  }
+}
+
 // ------------------------------------------------------------------------------------- extension
 
 app.registerExtension({
   name: EXT,
+
+  async setup() {
+    // Dropping a video saved with its workflow restores the workflow. Both frontends route drops
+    // through app.handleFile; anything that is not a video with a workflow goes to the original.
+    const original = app.handleFile?.bind(app);
+    if (!original) return;
+    app.handleFile = async function (file, ...rest) {
+      if (isVideoFile(file)) {
+        try {
+          const meta = await videoFileMetadata(file);
+          const workflow = parseJson(meta.workflow);
+          if (workflow?.nodes) {
+            await app.loadGraphData(workflow);
+            return;
+          }
+          const prompt = parseJson(meta.prompt);
+          if (prompt && typeof prompt === "object" && app.loadApiJson && Object.values(prompt).every((v) => v?.class_type)) {
+            app.loadApiJson(prompt);
+            return;
+          }
+        } catch (e) {
+          console.warn(`[${EXT}] could not read the workflow from ${file.name}:`, e);
+        }
+      }
+      return original(file, ...rest);
+    };
+  },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("CVG")) return;

@@ -166,10 +166,15 @@ def test_frame_count_hints(page):
 
 
 @pytest.mark.parametrize("fmt,mime,name", [("webp", "image/webp", "restore.webp"),
-                                           ("png-sequence", "image/png", "frame_000001.png")])
+                                           ("png-sequence", "image/png", "frame_000001.png"),
+                                           ("mp4", "video/mp4", "restore.mp4"),
+                                           ("webm", "video/webm", "restore.webm"),
+                                           ("mkv-ffv1", "video/x-matroska", "restore.mkv"),
+                                           ("gif", "image/gif", "restore.gif")])
 def test_dropped_output_restores_workflow(page, comfy, source_video, fmt, mime, name):
     """A file saved from a browser-queued graph carries the workflow (EXTRA_PNGINFO); handing it to the
-    frontend's file loader (what a drop on the canvas does) restores that graph."""
+    frontend's file loader (what a drop on the canvas does) restores that graph. webp and png are read by
+    the frontend itself; mp4 / webm / mkv / gif by js/cvg.js (the old frontend reads none of them)."""
     graph = json.loads(ROUND_TRIP.read_text())
     for node in graph["nodes"]:
         if node["type"] == "CVGLoadVideo":
