@@ -3,7 +3,7 @@
 A randomly initialised full-layout SD1.5 checkpoint (the real key set and shapes, read from the host's own
 model classes on the meta device, so ComfyUI detects it as SD15) and full-size v3-layout motion modules are
 generated once and cached under ~/.cache/comfyui-cvg/test-models (keyed by a seed), then sampled with the
-native KSampler over 16 frames of an 8×8 latent.
+native KSampler over 16 frames of a 4×4 latent (32×32 pixels).
 """
 import json
 import math
@@ -170,7 +170,7 @@ def graph(frames=16, mm_name=None, lora=None, adapter=False, schedule="keep the 
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_random.safetensors"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red ball bouncing", "clip": ["1", 1]}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
-        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": frames}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": frames}},
         "11": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"{prefix}_latent"}},
     }
     model = ["1", 0]
@@ -210,7 +210,7 @@ def test_end_to_end_16_frames_with_motion_lora_and_adapter(host):
     for im in images:
         assert (host.output_dir / im.get("subfolder", "") / im["filename"]).is_file()
     lat = saved_latent(host, out)
-    assert lat.shape == (16, 4, 8, 8) and torch.isfinite(lat).all()
+    assert lat.shape == (16, 4, 4, 4) and torch.isfinite(lat).all()
     log = host.log()
     assert "lora key not loaded" not in log, "the native LoRA loader did not recognise the adapter's keys"
     # frames differ from each other only through noise here; the motion module must not collapse them
@@ -221,7 +221,7 @@ def test_identity_at_init_equals_plain_model(host):
     """Zero proj_out: the animated model's latent equals the plain model's exactly, frame by frame."""
     plain = saved_latent(host, host.run(graph(frames=8, prefix="ad_plain", images=False), timeout=900))
     ident = saved_latent(host, host.run(graph(frames=8, mm_name="v3_sd15_mm_identity.safetensors", prefix="ad_ident", images=False), timeout=900))
-    assert plain.shape == ident.shape == (8, 4, 8, 8)
+    assert plain.shape == ident.shape == (8, 4, 4, 4)
     assert torch.equal(plain, ident)
 
 
@@ -235,7 +235,7 @@ def test_context_windows_on_a_longer_clip(host):
     assert torch.allclose(plain, ident, atol=1e-5, rtol=1e-5)
     moved = saved_latent(host, host.run(graph(frames=12, mm_name="v3_sd15_mm_random.safetensors", context_length=8,
                                               overlap=2, prefix="ad_ctx", images=False), timeout=900))
-    assert moved.shape == (12, 4, 8, 8) and torch.isfinite(moved).all()
+    assert moved.shape == (12, 4, 4, 4) and torch.isfinite(moved).all()
     assert (moved - plain).abs().max().item() > 1e-3
 
 
