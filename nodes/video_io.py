@@ -167,12 +167,12 @@ class CVGDecodeToVideo:
             raise ValueError(f"samples must be a Wan video LATENT [B, {getattr(vae, 'latent_channels', 16)}, T, "
                              f"H, W]; got shape {tuple(z.shape)}. Connect a CVG/Wan latent, not an image "
                              f"latent.")
-        t, h, w = z.shape[2], z.shape[3] * 8, z.shape[4] * 8
-        frames = (t - 1) * 4 + 1
+        h, w = z.shape[3] * 8, z.shape[4] * 8
         ui = {}
         for b in range(z.shape[0]):
+            # iter_decode_images drives the progress bar (one step per latent frame) and checks interrupts
             entry = save_frames(vae.iter_decode_images(z[b:b + 1]), w, h, filename_prefix, format, fps, crf,
-                                preset, audio, prompt, extra_pnginfo, total=frames)
+                                preset, audio, prompt, extra_pnginfo, total=None)
             for key, value in ui_result(entry).items():
                 ui.setdefault(key, []).extend(value)
         return {"ui": ui}
