@@ -158,3 +158,17 @@ def preview_method():
     except Exception:
         return "none"
     return str(getattr(method, "value", method))
+
+
+def model_files_ending(key, suffix):
+    """Relative paths of the files ending with `suffix` in a folder key's folders, whatever extensions the
+    key registers (e.g. diffusers `*.safetensors.index.json` of sharded models)."""
+    found = set()
+    for base in folder_paths.get_folder_paths(key):
+        if not os.path.isdir(base):
+            continue
+        for root, _, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.endswith(suffix):
+                    found.add(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+    return sorted(found)

@@ -4,6 +4,7 @@ Thin adapters: the model is models/wan/dit.py, loading models/wan/loading.py, th
 models/wan/pipeline.py (shared with the I2V and long-video nodes).
 """
 import os
+import re
 
 import torch
 
@@ -31,11 +32,23 @@ def _compute_dtype(name, device):
     return torch.float32
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _wan_model_files():
+    """diffusion_models files plus sharded diffusers/Wan-AI models (their *.index.json), shards hidden."""
+    index = comfy_bridge.model_files_ending("diffusion_models", ".safetensors.index.json")
+    sharded = {os.path.dirname(i) for i in index}
+    files = [f for f in comfy_bridge.model_files("diffusion_models")
+             if not (_SHARD.search(f) and os.path.dirname(f.replace(os.sep, "/")) in sharded)]
+    return sorted(set(files) | set(index))
+
+
 class CVGLoadWanModel:
     DESCRIPTION = (
         "Loads a Wan2.1 diffusion model (T2V-1.3B/14B, I2V-14B, FLF2V-14B; detected from the file) from the "
         "diffusion_models folder: original Wan-AI files, ComfyUI repackaged files (fp16/bf16/fp8, scaled fp8) "
-        "and diffusers folders (*.index.json). weight_dtype is how the weights are kept in memory ('default': "
+        "and sharded diffusers / Wan-AI folders (pick their *.index.json). weight_dtype is how the weights are kept in memory ('default': "
         "as the file for fp8 files, the compute dtype otherwise; fp8 halves memory and is upcast per layer). "
         "attention: 'sdpa' (PyTorch, always available) or flash_attn / sageattention when installed."
     )
@@ -48,7 +61,7 @@ class CVGLoadWanModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (comfy_bridge.model_files("diffusion_models"),),
+                "model_name": (_wan_model_files(),),
                 "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
                 "attention": (list(BACKENDS), {"default": "sdpa"}),
             },

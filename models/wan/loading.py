@@ -11,6 +11,7 @@ model ever exists.
 """
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -293,9 +294,31 @@ def _low_precision_ok(name, ndim):
     return ndim == 2 and name.endswith(".weight") and name.startswith("blocks.")
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _index_for_shard(path):
+    """The *.index.json that lists `path` when it is one shard of a sharded model, else None."""
+    path = os.fspath(path)
+    if not _SHARD.search(path):
+        return None
+    folder = os.path.dirname(path)
+    for name in sorted(os.listdir(folder or ".")):
+        if name.endswith(".safetensors.index.json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    if os.path.basename(path) in set((json.load(f).get("weight_map") or {}).values()):
+                        return os.path.join(folder, name)
+            except Exception:
+                continue
+    return None
+
+
 def inspect(path):
     """(WanConfig, layout description, {original_name: file_name}, _Source) for a checkpoint, or a clear
-    CheckpointError naming what the file is instead."""
+    CheckpointError naming what the file is instead. One shard of a sharded model loads the whole model
+    through its index."""
+    path = _index_for_shard(path) or path
     src = _Source(path)
     names, layout = normalize_names(src.shapes)
     what = _what_is_it(src.shapes)

@@ -244,7 +244,8 @@ def test_diffusers_sharded_folder(tmp_path, model_type):
     (folder / "config.json").write_text(json.dumps(loading.diffusers_config(cfg)))
     ref = WanDiT(cfg).eval()
     ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in state_of(src).items()})
-    for path in (folder, folder / "diffusion_pytorch_model.safetensors.index.json"):
+    for path in (folder, folder / "diffusion_pytorch_model.safetensors.index.json",
+                 folder / "diffusion_pytorch_model-00002-of-00002.safetensors"):  # a shard loads the whole model
         m = loading.load_wan_dit(path, dtype=torch.float32)
         assert "diffusers" in m.load_info["layout"] and m.config.model_type == model_type
         assert m.config.heads == cfg.heads

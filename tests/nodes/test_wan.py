@@ -4,6 +4,7 @@ a saved latent (and a decoded video when the pack's VAE decode node is present).
 
 Oracle: the same sampling run in this process with models/wan/pipeline.py on the same file and seed.
 """
+import json
 import math
 
 import pytest
@@ -143,3 +144,26 @@ def test_t2v_graph_decoded_and_saved(comfy, files):
     frames = vf.read_video(str(path))
     frames = frames[0] if isinstance(frames, tuple) else frames
     assert tuple(frames.shape[:3]) == (5, 48, 32)
+
+
+def test_sharded_diffusers_folder_through_the_loader_node(comfy, files):
+    """A diffusers-layout model sharded with an index.json in a sub-folder of diffusion_models is listed
+    (its shards are not) and samples the same latent as the original-layout file."""
+    state = {k[len("model.diffusion_model."):]: v for k, v in tiny_state().items()}
+    dsd = loading.original_to_diffusers(state)
+    names = sorted(dsd)
+    folder = comfy.models_dir / "diffusion_models" / "cvg_wan_diffusers"
+    folder.mkdir(exist_ok=True)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        fname = f"diffusion_pytorch_model-{i:05d}-of-00002.safetensors"
+        save_file({k: dsd[k] for k in part}, str(folder / fname))
+        weight_map.update({k: fname for k in part})
+    index = "cvg_wan_diffusers/diffusion_pytorch_model.safetensors.index.json"
+    (comfy.models_dir / "diffusion_models" / index).write_text(json.dumps({"weight_map": weight_map}))
+    choices = comfy.object_info()["CVGLoadWanModel"]["input"]["required"]["model_name"][0]
+    assert index in choices
+    assert not any("-of-00002" in c for c in choices)
+    a = _saved_latent(comfy, comfy.run(graph(model=index, steps=2, seed=11)))
+    b = _saved_latent(comfy, comfy.run(graph(steps=2, seed=11)))
+    assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
