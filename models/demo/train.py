@@ -92,6 +92,7 @@ def _object_weight(x):
 def train_vae(args, device, log):
     torch.manual_seed(args.seed)
     vae = WanVAE(VAE_CONFIG).to(device).train()
+    vae.set_max_piece_elems(1 << 31)  # no time splitting of large training batches (fewer kernel launches)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     mean = torch.tensor(wan_latent.LATENT_MEAN, device=device)
     std = torch.tensor(wan_latent.LATENT_STD, device=device)
@@ -386,6 +387,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     t_start = time.time()
     logs = []
 
