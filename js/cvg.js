@@ -431,6 +431,18 @@ app.registerExtension({
       return r;
     };
 
+    // The old frontend serialises every widget positionally, the preview too (as null): drop that slot so
+    // a workflow saved from either frontend has the same widgets_values.
+    const onSerialize = nodeType.prototype.onSerialize;
+    nodeType.prototype.onSerialize = function (o) {
+      const r = onSerialize?.apply(this, arguments);
+      const ws = this.widgets || [];
+      if (Array.isArray(o?.widgets_values) && o.widgets_values.length === ws.length) {
+        o.widgets_values = o.widgets_values.filter((_, i) => ws[i]?.name !== "cvg_preview");
+      }
+      return r;
+    };
+
     // Widget values restored from a saved workflow do not fire callbacks: refresh the hints.
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {

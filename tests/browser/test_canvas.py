@@ -102,6 +102,12 @@ def test_queued_graph_shows_playable_video(page, comfy, source_video, fmt):
     assert f"filename=" in info["src"] and f".{fmt}" in info["src"]
     saved = [p for p in comfy.output_files() if p.parent.name == "browser" and p.suffix == f".{fmt}"]
     assert saved, "the server wrote no file"
+    # The graph saved from the canvas now (previews and upload button present) passes the same hygiene
+    # check as the workflows in workflows/.
+    from host import workflows
+
+    ui = page.evaluate("() => window.app.graph.serialize()")
+    assert workflows.validate(ui, comfy.object_info()) == []
     assert page.console.pack_errors() == [], page.console.pack_errors()
 
 
