@@ -291,12 +291,14 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x, rope, backend, ops=EAGER):
+    def forward(self, x, rope, backend, ops=EAGER, sp=None):
         b, n, _ = x.shape
         dtype = x.dtype
         q = ops.norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, rope, self.heads, dtype)
         k = ops.norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, rope, self.heads, dtype)
         v = self.v(x).view(b, n, self.heads, self.head_dim)
+        if sp is not None:  # sequence parallel: x holds this rank's token shard (models/wan/parallel.py)
+            return self.o(sp.attention(q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, backend)))
         return self.o(attention(q, k, v, backend))
 
 
@@ -347,14 +349,14 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend, ops=EAGER):
+    def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend, ops=EAGER, sp=None):
         # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
         # (.to: ComfyUI's low-VRAM loading moves only modules that have a `weight`, so these stay behind)
         shift0, scale0, gate0, shift1, scale1, gate1 = (
             self.modulation.to(e0.device, torch.float32) + e0).unsqueeze(2).unbind(1)
         eps = self.norm1.eps
         # x = x + SelfAttn(LN1(x)·(1 + c0) + s0)·g0
-        y = self.self_attn(ops.modulate(x, shift0, scale0, eps, dtype), rope, backend, ops)
+        y = self.self_attn(ops.modulate(x, shift0, scale0, eps, dtype), rope, backend, ops, sp)
         # x = x + CrossAttn(LN3_affine(x), context)
         x, h = ops.gate_norm_affine(x, y, gate0, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
         y = self.cross_attn(h, context, context_img, image_strength, backend, ops)
@@ -523,12 +525,13 @@ class WanDiT(nn.Module):
             raise ValueError(f"CLIP features for {clip_fea.shape[0]} videos given with a batch of {batch}")
         return self.img_emb(clip_fea.to(self.device), dtype)
 
-    def forward(self, x, t, context, clip_fea=None, y=None, image_strength=1.0, t_offset=0):
+    def forward(self, x, t, context, clip_fea=None, y=None, image_strength=1.0, t_offset=0, sequence_parallel=None):
         """x [B, 16 (or in_dim), F, H, W] normalised latent; t [B] timesteps in 0..1000; context [B, L, 4096]
         (padded/truncated to 512 rows here); clip_fea [B, 257, 1280] (i2v) or [B, 514, 1280] / [2B, 257, 1280]
         (flf2v); y [B, 20, F, H, W] = mask 4 + condition latent 16 (i2v/flf2v), concatenated after x;
-        image_strength λ scales the image branch (0 removes it); t_offset shifts the temporal RoPE positions.
-        Returns the velocity [B, 16, F, H, W] in float32."""
+        image_strength λ scales the image branch (0 removes it); t_offset shifts the temporal RoPE positions;
+        sequence_parallel: a models.wan.parallel.SequenceParallel — every rank passes the full inputs, works
+        on its shard of the tokens and gets the full output. Returns the velocity [B, 16, F, H, W] in float32."""
         cfg = self.config
         dtype = self.dtype
         backend = self.attention_backend
@@ -568,11 +571,18 @@ class WanDiT(nn.Module):
                     "connect a CLIP vision output to the I2V conditioner, or set the image strength to 0"
                 )
 
+        sp = sequence_parallel
+        length = x.shape[1]
+        if sp is not None:
+            x = sp.shard(x, dim=1)
+            rope = tuple(sp.shard(r, dim=0) for r in rope)
         ops = self._ops(x)
         for block in self.blocks:
-            x = block(x, e0, context, context_img, rope, image_strength, dtype, backend, ops)
+            x = block(x, e0, context, context_img, rope, image_strength, dtype, backend, ops, sp)
 
-        x = self.head(x, e)
+        x = self.head(x, e)  # per token: shards gathered after it (4·16 values a token instead of D)
+        if sp is not None:
+            x = sp.gather(x, length, dim=1)
         return self.unpatchify(x, grid)
 
     def unpatchify(self, x, grid):
