@@ -165,7 +165,7 @@ def host(comfy):
 
 
 def graph(frames=16, mm_name=None, lora=None, adapter=False, schedule="keep the model's", context_length=16,
-          overlap=4, steps=1, cfg=2.0, prefix="ad", images=True):
+          overlap=4, steps=1, cfg=2.0, prefix="ad", images=True, adapter_after=False):
     g = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_random.safetensors"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red ball bouncing", "clip": ["1", 1]}},
@@ -187,6 +187,9 @@ def graph(frames=16, mm_name=None, lora=None, adapter=False, schedule="keep the 
             "model": model, "motion_module": motion, "motion_scale": 1.0, "beta_schedule": schedule,
             "context_length": context_length, "context_overlap": overlap, "closed_loop": False, "fuse_method": "pyramid"}}
         model = ["4", 0]
+    if adapter_after:  # a native patch applied on top of the animated MODEL
+        g["14"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": "v3_sd15_adapter.ckpt", "strength_model": 1.0}}
+        model = ["14", 0]
     g["8"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": 7, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
         "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0], "denoise": 1.0}}
@@ -233,10 +236,13 @@ def test_context_windows_on_a_longer_clip(host):
     ident = saved_latent(host, host.run(graph(frames=12, mm_name="v3_sd15_mm_identity.safetensors", context_length=8,
                                               overlap=2, prefix="ad_ctx_ident", images=False), timeout=900))
     assert torch.allclose(plain, ident, atol=1e-5, rtol=1e-5)
+    # random module, with a native LoRA applied AFTER the motion module (it must patch the same UNet layers)
     moved = saved_latent(host, host.run(graph(frames=12, mm_name="v3_sd15_mm_random.safetensors", context_length=8,
-                                              overlap=2, prefix="ad_ctx", images=False), timeout=900))
+                                              overlap=2, prefix="ad_ctx", images=False, adapter_after=True), timeout=900))
     assert moved.shape == (12, 4, 4, 4) and torch.isfinite(moved).all()
     assert (moved - plain).abs().max().item() > 1e-3
+    assert "lora key not loaded" not in host.log()
+    assert "could not patch" not in host.log() and "NOT LOADED" not in host.log()
 
 
 def test_clear_errors(host):
