@@ -107,25 +107,32 @@ def test_queued_graph_shows_playable_video(page, comfy, source_video, fmt):
     from host import workflows
 
     ui = page.evaluate("() => window.app.graph.serialize()")
-    assert workflows.validate(ui, comfy.object_info()) == []
+    problems = workflows.validate(ui, comfy.object_info())
+    # The current frontend lists every widget as an input socket, its upload button too (as it does for
+    # LoadImage); that is the frontend's own bookkeeping, not a widget-layout problem.
+    problems = [p for p in problems if "input 'upload' does not exist" not in p]
+    assert problems == []
     assert page.console.pack_errors() == [], page.console.pack_errors()
 
 
 def test_loader_preview_plays_selected_input(page, source_video):
+    """The selected input video plays in CVG Load Video: js/cvg.js's preview on the old frontend, the
+    frontend's own (built from `video_upload`) on the current one; either way exactly one upload button."""
     graph = json.loads(ROUND_TRIP.read_text())
     for node in graph["nodes"]:
         if node["type"] == "CVGLoadVideo":
             node["widgets_values"][7] = source_video
     load_graph(page, graph)
     page.wait_for_function(
-        """(name) => [...document.querySelectorAll('video.cvg-video-preview')]
-                 .some(v => (v.getAttribute('src') || '').includes(encodeURIComponent(name)) && v.readyState >= 2)""",
+        """(name) => [...document.querySelectorAll('video')]
+                 .some(v => (v.currentSrc || v.getAttribute('src') || '').includes(encodeURIComponent(name))
+                            && v.readyState >= 2)""",
         arg=source_video, timeout=60000)
     upload = page.evaluate("""() => {
         const n = window.app.graph._nodes.find(n => n.type === 'CVGLoadVideo');
-        return n.widgets.filter(w => w.name === 'upload').map(w => w.type);
+        return n.widgets.filter(w => w.name === 'upload' || w.type === 'button').map(w => w.name);
     }""")
-    assert upload == ["button"]
+    assert upload == ["upload"]
 
 
 def test_frame_count_hints(page):
