@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from ..models import conditioning
+from ..models import conditioning, long_video
 from ..models import checkpoints
 from ..models import sampling
 from ..models.attention import BACKENDS
@@ -212,10 +212,16 @@ class CVGSampler:
                 "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
                 "solver": (list(sampling.SOLVERS), {"default": "unipc"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),
-            }
+            },
+            "optional": {
+                "frame_guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.05, "tooltip":
+                    "w of v = v_tu + cfg·(v_c − v_tu) + w·(v_c − v_fu): pushes away from the prediction without "
+                    "the frame condition (mask 0, no condition latent; text kept). Needs an I2V/known-frame "
+                    "LATENT. 0 skips the extra pass."}),
+            },
         }
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, solver, denoise):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, solver, denoise, frame_guidance=0.0):
         if not hasattr(model, "model") or not hasattr(model.model, "config"):
             raise TypeError("CVG Sampler needs a CVG_WAN model from 'CVG Load Wan Model'")
         dit = model.model
@@ -228,6 +234,11 @@ class CVGSampler:
                              "use CVG Empty Video Latent or a Wan VAE encode")
         cond = conditioning.resolve_condition(latent, pos_opts)
         conditioning.check_model_condition(dit.config.in_dim, cond)
+        if frame_guidance and cond is None:
+            raise ValueError(
+                f"frame_guidance {frame_guidance} needs a frame condition, but this LATENT carries none; give the "
+                "LATENT of CVG I2V Conditioner (or native WanImageToVideo conditioning), or set frame_guidance to 0"
+            )
         dit = comfy_bridge.load_to_device(model)
         device = dit.device
         y = clip_fea = None
@@ -245,10 +256,15 @@ class CVGSampler:
                 preview = ("JPEG", latent_preview_image(info["denoised"]), 512)
             progress.update(1, preview=preview)
 
+        velocity_fn = None
+        if frame_guidance:
+            velocity_fn = long_video.wan_velocity_fn(dit, pos.to(device), neg.to(device), cfg_scale=cfg, y=y,
+                                                     clip_fea=clip_fea, image_strength=strength,
+                                                     frame_guidance=frame_guidance)
         comfy_bridge.check_interrupt()
         out = pipeline.sample_video(dit, pos.to(device), neg.to(device), z, seed, steps=steps, cfg=cfg, shift=shift,
                                     solver=solver, denoise=denoise, y=y, clip_fea=clip_fea, image_strength=strength,
-                                    callback=callback)
+                                    callback=callback, velocity_fn=velocity_fn)
         return ({"samples": out.to(comfy_bridge.intermediate_device())},)
 
 

@@ -135,3 +135,36 @@ def test_bad_length_and_size_are_clear_errors(comfy, files):
 def test_missing_clip_features_with_strength_is_a_clear_error(comfy, files):
     err = comfy.run_expect_error(graph(strength=1.0))
     assert "CLIP vision" in err
+
+
+def test_frame_guidance_matches_in_process(comfy, files):
+    """CVG Sampler's frame_guidance w: v = v_tu + g·(v_c − v_tu) + w·(v_c − v_fu), oracle built here."""
+    from models import long_video
+    from models.wan import loading, pipeline, vae_loading
+    pos, neg, imgs = files
+    g = graph(I2V)
+    g["s"]["inputs"]["frame_guidance"] = 1.5
+    z = _latent(comfy, comfy.run(g))
+
+    vae = vae_loading.load_wan_vae(comfy.models_dir / "vae" / VAE, dtype=torch.float32, device="cpu")
+    frames = {0: C.resize_image_bicubic(C.images_to_model(imgs[0]), H, W)[0]}
+    with torch.no_grad():
+        y = C.build_condition(lambda v: vae.encode(v), frames, 9, H, W)
+    dit = loading.load_wan_dit(comfy.models_dir / "diffusion_models" / I2V, dtype=torch.float32)
+    fn = long_video.wan_velocity_fn(dit, pos, neg, cfg_scale=3.0, y=y, image_strength=0.0, frame_guidance=1.5)
+    zeros = torch.zeros(1, 16, 3, H // 8, W // 8)
+    ref = pipeline.sample_video(dit, pos, neg, zeros, seed=7, steps=2, cfg=3.0, shift=3.0, solver="unipc", y=y,
+                                image_strength=0.0, velocity_fn=fn)
+    assert (z - ref).abs().max().item() < 1e-4
+    unguided = pipeline.sample_video(dit, pos, neg, zeros, seed=7, steps=2, cfg=3.0, shift=3.0, solver="unipc", y=y,
+                                     image_strength=0.0)
+    assert (z - unguided).abs().max().item() > 1e-3, "frame guidance changed nothing"
+
+
+def test_frame_guidance_without_condition_is_a_clear_error(comfy, files):
+    g = graph(T2V)
+    g["e"] = {"class_type": "CVGEmptyVideoLatent", "inputs": {"width": W, "height": H, "length": 9, "batch_size": 1}}
+    g["s"]["inputs"]["latent"] = ["e", 0]
+    g["s"]["inputs"]["frame_guidance"] = 1.0
+    del g["c"]
+    assert "needs a frame condition" in comfy.run_expect_error(g)
