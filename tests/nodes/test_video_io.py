@@ -54,7 +54,7 @@ def test_nodes_registered(comfy):
     info = comfy.object_info()
     for node in ("CVGSaveVideo", "CVGDecodeToVideo", "CVGLoadVideo"):
         assert node in info, node
-    assert not comfy.import_failures()
+    assert not [line for line in comfy.import_failures() if "comfyui-cvg" in line or "cvg" in line.lower()]
     save = info["CVGSaveVideo"]["input"]
     assert list(save["required"]) == ["images", "filename_prefix", "format", "fps", "crf", "preset"]
     assert save["required"]["format"][0] == list(vf.FORMATS)
