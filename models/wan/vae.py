@@ -439,7 +439,13 @@ class WanVAE(nn.Module):
 
     @property
     def device(self):
+        """Where the weights are. Current ComfyUI's ModelPatcher assigns `.device` after moving a model;
+        the setter keeps that as a note only, so the property can never disagree with the weights."""
         return self.conv2.weight.device
+
+    @device.setter
+    def device(self, value):
+        self.__dict__["_device_note"] = value
 
     def set_max_piece_elems(self, n):
         """Largest activation piece (elements) a residual block / head / resample handles at once."""

@@ -95,9 +95,11 @@ class ComfyServer:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def import_failures(self):
-        """Log lines saying a custom node pack failed to import."""
-        return [line for line in self.log().splitlines() if IMPORT_FAILED in line]
+    def import_failures(self, pack_only=True):
+        """Log lines saying this pack (or, with pack_only=False, any node module) failed to import.
+        Current ComfyUI logs its own optional modules (e.g. audio nodes without torchaudio) the same way."""
+        lines = [line for line in self.log().splitlines() if IMPORT_FAILED in line]
+        return [line for line in lines if PACK_NAME in line] if pack_only else lines
 
     # -- HTTP -------------------------------------------------------------------------------------
     def get(self, path, timeout=60):

@@ -357,3 +357,10 @@ def test_stream_state_is_flat_in_the_number_of_frames():
             esizes.append(_state_bytes(enc.state))
     assert sizes[1] > 0 and len(set(sizes[2:])) == 1
     assert esizes[1] > 0 and len(set(esizes[1:])) == 1
+
+
+def test_device_assignment_by_a_model_patcher_is_harmless():
+    """Current ComfyUI's ModelPatcher sets `model.device` after loading; the weights stay the truth."""
+    vae = tiny()
+    vae.device = torch.device("cuda")  # what the patcher writes; nothing moves
+    assert vae.device == vae.conv2.weight.device == torch.device("cpu")
