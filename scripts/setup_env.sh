@@ -17,7 +17,15 @@ pip_quiet() { python -m pip install --quiet --disable-pip-version-check "$@" 2>&
 if ! python -c "import torch, torchvision" 2>/dev/null; then
   pip_quiet torch==2.14.1 torchvision==0.29.1
 fi
-pip_quiet -r "$repo/requirements.txt" pytest pytest-timeout diffusers==0.42.1 "transformers>=5"
+pip_quiet -r "$repo/requirements.txt" pytest pytest-timeout diffusers==0.42.1 "transformers>=5" playwright
+# The browser test drives the system's Chromium (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x "${CVG_CHROMIUM:-/usr/bin/chromium}" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "setup_env: install Chromium (e.g. 'apt-get install chromium') or set CVG_CHROMIUM for the browser test" >&2
+  fi
+fi
 comfy_tree="$(python "$repo/tests/host/provision.py")"
 # shellcheck disable=SC2046
 pip_quiet $(python "$repo/tests/host/provision.py" --requirements)
