@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from models.animatediff import motion_module as mm
 
-MANIFESTS = Path("/work/shared/reference/manifests")
-if not MANIFESTS.is_dir():  # CI checkouts may carry the manifests beside the tests
-    MANIFESTS = Path(__file__).resolve().parents[1] / "reference" / "manifests"
+from host.reference import manifest_dir
+
+MANIFESTS = manifest_dir()
 
 
 def randomise_(module, seed=0, std=0.2):

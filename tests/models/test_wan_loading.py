@@ -9,17 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from host.reference import manifest_dir
 from models.checkpoints import CheckpointError
 from models.wan import loading
 from models.wan.dit import WanConfig, WanDiT, build_model
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 _HERE = Path(__file__).resolve()
-MANIFEST_DIRS = [Path(p) for p in [os.environ.get("CVG_MANIFESTS", "")] if p] + [
-    Path("/work/shared/reference/manifests"),
-    _HERE.parents[2] / "shared" / "reference" / "manifests",
-    _HERE.parents[1] / "reference" / "manifests",
-]
+MANIFEST_DIRS = [manifest_dir()]
 
 
 def manifest(name):

@@ -11,9 +11,9 @@ from models import checkpoints
 from models.wan import vae as wv
 from models.wan import vae_loading as vl
 
-MANIFEST = Path("/work/shared/reference/manifests/wan2.1_vae.json")
-if not MANIFEST.exists():
-    MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "manifests" / "wan2.1_vae.json"
+from host.reference import manifest
+
+MANIFEST = manifest("wan2.1_vae.json")
 
 # Released pattern (4 stages, temporal downsample in the last two) and a 2-stage stride-2 variant.
 CFG_A = dict(dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
