@@ -402,6 +402,28 @@ class ImageEmbedding(nn.Module):
 # The model
 
 
+class BlockInputs:
+    """What the blocks and the head need besides the residual stream (see `WanDiT.embed`)."""
+
+    BATCHED = ("x", "e", "e0", "context", "context_img")
+
+    def __init__(self, x, e, e0, context, context_img, rope, grid, length, image_strength, dtype, backend, ops, sp):
+        self.x, self.e, self.e0, self.context, self.context_img = x, e, e0, context, context_img
+        self.rope, self.grid, self.length, self.image_strength = rope, grid, length, image_strength
+        self.dtype, self.backend, self.ops, self.sp = dtype, backend, ops, sp
+
+    def rows(self, index):
+        """The same inputs for a subset of the batch (index: a LongTensor of rows)."""
+        out = BlockInputs(**{k: getattr(self, k) for k in (
+            "x", "e", "e0", "context", "context_img", "rope", "grid", "length", "image_strength", "dtype",
+            "backend", "ops", "sp")})
+        for k in self.BATCHED:
+            v = getattr(self, k)
+            if v is not None:
+                setattr(out, k, v.index_select(0, index.to(v.device)))
+        return out
+
+
 class WanDiT(nn.Module):
     """Wan2.1 DiT. `forward(x, t, context, clip_fea=None, y=None, image_strength=1.0) -> velocity`."""
 
@@ -531,7 +553,15 @@ class WanDiT(nn.Module):
         (flf2v); y [B, 20, F, H, W] = mask 4 + condition latent 16 (i2v/flf2v), concatenated after x;
         image_strength λ scales the image branch (0 removes it); t_offset shifts the temporal RoPE positions;
         sequence_parallel: a models.wan.parallel.SequenceParallel — every rank passes the full inputs, works
-        on its shard of the tokens and gets the full output. Returns the velocity [B, 16, F, H, W] in float32."""
+        on its shard of the tokens and gets the full output. Returns the velocity [B, 16, F, H, W] in float32.
+
+        The same three stages are public for the step cache (models/wan/step_cache.py):
+        `embed(...) -> BlockInputs`, `run_blocks(inputs, x, start, end)`, `finish(inputs, x)`."""
+        inp = self.embed(x, t, context, clip_fea, y, image_strength, t_offset, sequence_parallel)
+        return self.finish(inp, self.run_blocks(inp, inp.x))
+
+    def embed(self, x, t, context, clip_fea=None, y=None, image_strength=1.0, t_offset=0, sequence_parallel=None):
+        """Everything before the blocks: checks, patchify, time / text / image embeddings, RoPE tables."""
         cfg = self.config
         dtype = self.dtype
         backend = self.attention_backend
@@ -576,14 +606,22 @@ class WanDiT(nn.Module):
         if sp is not None:
             x = sp.shard(x, dim=1)
             rope = tuple(sp.shard(r, dim=0) for r in rope)
-        ops = self._ops(x)
-        for block in self.blocks:
-            x = block(x, e0, context, context_img, rope, image_strength, dtype, backend, ops, sp)
+        return BlockInputs(x, e, e0, context, context_img, rope, grid, length, image_strength, dtype, backend,
+                           self._ops(x), sp)
 
-        x = self.head(x, e)  # per token: shards gathered after it (4·16 values a token instead of D)
-        if sp is not None:
-            x = sp.gather(x, length, dim=1)
-        return self.unpatchify(x, grid)
+    def run_blocks(self, inp, x, start=0, end=None):
+        """Blocks [start, end) on the residual stream x [B, L, D] (float32)."""
+        for block in self.blocks[start:end]:
+            x = block(x, inp.e0, inp.context, inp.context_img, inp.rope, inp.image_strength, inp.dtype, inp.backend,
+                      inp.ops, inp.sp)
+        return x
+
+    def finish(self, inp, x):
+        """The head and unpatchify: residual stream [B, L, D] -> velocity [B, 16, F, H, W] (float32)."""
+        x = self.head(x, inp.e)  # per token: shards gathered after it (4·16 values a token instead of D)
+        if inp.sp is not None:
+            x = inp.sp.gather(x, inp.length, dim=1)
+        return self.unpatchify(x, inp.grid)
 
     def unpatchify(self, x, grid):
         """[B, L, pt·ph·pw·Co] -> [B, Co, F·pt, H·ph, W·pw]."""

@@ -12,6 +12,7 @@ import torch
 
 from .. import sampling
 from . import latent as wan_latent
+from .step_cache import as_step_cache
 
 
 def text_tensor(cond, text_dim=4096, what="conditioning"):
@@ -30,12 +31,13 @@ def text_tensor(cond, text_dim=4096, what="conditioning"):
 
 
 def make_velocity_fn(model, context, negative_context=None, cfg=5.0, y=None, clip_fea=None, image_strength=1.0,
-                     t_offset=0, batch_cfg=False):
+                     t_offset=0, batch_cfg=False, step_cache=None):
     """velocity_fn(x, σ) -> v for `models.sampling.sample`, in the DiT's normalised space.
 
     context / negative_context: [B or 1, L, text_dim]; y [B or 1, 20, F, H, W] (DiT space) and clip_fea
     for I2V/FLF2V models; cfg == 1 skips the unconditional pass; batch_cfg runs both passes as one batch
-    (faster on a GPU with memory to spare)."""
+    (faster on a GPU with memory to spare); step_cache: a models.wan.step_cache.StepCache (or a threshold;
+    0 / None: off) — the "cond" and "uncond" passes are cached separately (batched: per row)."""
     text_dim = model.config.text_dim
     context = text_tensor(context, text_dim, "positive conditioning")
     use_cfg = float(cfg) != 1.0
@@ -44,8 +46,11 @@ def make_velocity_fn(model, context, negative_context=None, cfg=5.0, y=None, cli
             raise ValueError("cfg != 1 needs a negative conditioning (or set cfg to 1)")
         negative_context = text_tensor(negative_context, text_dim, "negative conditioning")
     kw = dict(clip_fea=clip_fea, image_strength=image_strength, t_offset=t_offset)
+    cache = as_step_cache(step_cache)
 
-    def call(x, t, ctx, y_):
+    def call(x, t, ctx, y_, stream="cond"):
+        if cache is not None:
+            return cache(model, stream, x, t, ctx, y=y_, **kw).float()
         return model(x, t, ctx, y=y_, **kw).float()
 
     def fn(x, sigma):
@@ -56,11 +61,11 @@ def make_velocity_fn(model, context, negative_context=None, cfg=5.0, y=None, cli
         if batch_cfg:
             b = x.shape[0]
             ctx = torch.cat([_pad_rows(context, b), _pad_rows(negative_context, b)])
-            v = call(torch.cat([x, x]), torch.cat([t, t]), ctx, None if y_ is None else torch.cat([y_, y_]))
+            v = call(torch.cat([x, x]), torch.cat([t, t]), ctx, None if y_ is None else torch.cat([y_, y_]), "cfg_batch")
             if clip_fea is not None and clip_fea.shape[0] not in (1, 2 * b):
                 raise ValueError("batch_cfg needs clip_fea with batch 1")
             return sampling.cfg(v[:b], v[b:], cfg)
-        return sampling.cfg(call(x, t, context, y_), call(x, t, negative_context, y_), cfg)
+        return sampling.cfg(call(x, t, context, y_, "cond"), call(x, t, negative_context, y_, "uncond"), cfg)
 
     return fn
 
@@ -75,22 +80,31 @@ def _pad_rows(ctx, batch):
 
 def sample_video(model, context, negative_context, latent_raw, seed, steps=50, cfg=5.0, shift=5.0,
                  solver="unipc", denoise=1.0, y=None, clip_fea=None, image_strength=1.0, callback=None,
-                 t_offset=0, batch_cfg=False, velocity_fn=None):
+                 t_offset=0, batch_cfg=False, velocity_fn=None, step_cache=None):
     """Sample a video latent; returns RAW VAE space [B, 16, F, H, W] float32 on the model's device.
 
     latent_raw: the starting LATENT samples (zeros for text-to-video; a video's latent for denoise < 1).
     y / clip_fea / image_strength: the I2V / FLF2V condition (y in DiT space, see models/conditioning.py).
     callback(info) is called after every step with the sampler's dict (i, x, sigma, denoised, total).
     velocity_fn: optional replacement of make_velocity_fn's (e.g. long-video guidance).
+    step_cache: a threshold (0: off) or a models.wan.step_cache.StepCache (pass one to read its counters
+    afterwards); a fresh cache state is used for every call.
     """
     device = model.device
     x0 = wan_latent.normalize(latent_raw.to(device=device, dtype=torch.float32))
     sigmas = sampling.wan_sigmas(steps, shift, solver, denoise)
     noise = sampling.seeded_noise(tuple(x0.shape), seed).to(device)
     x = noise if denoise >= 1.0 else sampling.noise_latent(x0, noise, float(sigmas[0]))
+    cache = as_step_cache(step_cache)
+    if cache is not None:
+        cache.reset()
+        if velocity_fn is not None:
+            raise ValueError("step_cache applies to sample_video's own velocity function; wrap the model of a custom "
+                             "velocity_fn in models.wan.step_cache.CachedModel instead")
     if velocity_fn is None:
         velocity_fn = make_velocity_fn(model, context, negative_context, cfg, y=y, clip_fea=clip_fea,
-                                       image_strength=image_strength, t_offset=t_offset, batch_cfg=batch_cfg)
+                                       image_strength=image_strength, t_offset=t_offset, batch_cfg=batch_cfg,
+                                       step_cache=cache)
     with torch.inference_mode():
         out = sampling.sample(velocity_fn, x, sigmas, solver, callback=callback)
     return wan_latent.denormalize(out.float())
