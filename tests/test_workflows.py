@@ -65,3 +65,17 @@ def test_older_native_mode_is_strict_for_pack_nodes(comfy):
     problems = workflows.validate(ui, info, older_native=True)
     assert problems == ["node 2: unknown node type 'CVGNoSuchNode'"]
     assert len(workflows.validate(ui, info)) == 2
+
+
+def test_from_api_round_trips(comfy):
+    info = comfy.object_info()
+    prompt = {
+        "a": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 32, "batch_size": 5, "color": 0}},
+        "b": {"class_type": "CVGSaveVideo", "inputs": {"images": ["a", 0], "filename_prefix": "x", "format": "gif",
+                                                       "fps": 8.0, "crf": 19, "preset": "fast"}},
+    }
+    ui = workflows.from_api(prompt, info, notes=["download nothing"])
+    assert workflows.validate(ui, info) == []
+    api = workflows.to_api(ui, info)
+    assert [v["class_type"] for v in api.values()] == ["EmptyImage", "CVGSaveVideo"]
+    assert api["2"]["inputs"] == {**prompt["b"]["inputs"], "images": ["1", 0]}

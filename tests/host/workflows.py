@@ -192,3 +192,41 @@ def to_api(ui, object_info):
                 inputs[inp["name"]] = list(_resolve_source(nodes, links, inp["link"]))
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def from_api(prompt, object_info, notes=(), positions=None):
+    """A UI-format workflow from an API-format prompt (the inverse of `to_api`), laid out left to right,
+    with Note nodes carrying `notes`. Used to write the workflows in workflows/ from tested graphs."""
+    ids = {key: i + 1 for i, key in enumerate(prompt)}
+    nodes, links = [], []
+    for key, node in prompt.items():
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, kind, options, _ in input_specs(info):
+            value = node["inputs"].get(name)
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in ids:
+                link_id = len(links) + 1
+                src = prompt[value[0]]["class_type"]
+                link_type = object_info[src]["output"][value[1]]
+                links.append([link_id, ids[value[0]], value[1], ids[key], len(inputs), link_type])
+                inputs.append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link_id})
+            elif is_widget(kind):
+                default = options.get("default", kind[0] if isinstance(kind, list) and kind else None)
+                for slot, _ in widget_slots(name, kind, options):
+                    widgets.append({"value": node["inputs"].get(name, default), "seed_control": "fixed",
+                                    "upload": "image"}[slot])
+        outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
+                   for i, (t, n) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
+        pos = (positions or {}).get(key) or [40 + 300 * (len(nodes) % 5), 80 + 260 * (len(nodes) // 5)]
+        nodes.append({"id": ids[key], "type": node["class_type"], "pos": pos, "size": [280, 120], "flags": {},
+                      "order": len(nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+    for link in links:
+        src = next(n for n in nodes if n["id"] == link[1])
+        src["outputs"][link[2]]["links"].append(link[0])
+    for i, text in enumerate(notes):
+        nodes.append({"id": len(nodes) + 1, "type": "Note", "pos": [40 + 420 * i, -220], "size": [400, 180],
+                      "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "properties": {}, "widgets_values": [text]})
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
