@@ -79,3 +79,16 @@ def test_from_api_round_trips(comfy):
     api = workflows.to_api(ui, info)
     assert [v["class_type"] for v in api.values()] == ["EmptyImage", "CVGSaveVideo"]
     assert api["2"]["inputs"] == {**prompt["b"]["inputs"], "images": ["1", 0]}
+
+
+def test_template_browser_lists_every_workflow(comfy):
+    """Current ComfyUI serves a pack's workflows/ folder to its template browser; the March-2024 host has
+    no such route, so this runs only against a current ComfyUI (COMFYUI_PATH)."""
+    if comfy.comfyui_version() is None:
+        pytest.skip("the March-2024 test host has no /workflow_templates route")
+    listed = comfy.get("/workflow_templates")
+    names = set(next(v for k, v in listed.items() if "cvg" in k.lower()))
+    assert names == {p.stem for p in WORKFLOWS}
+    for p in WORKFLOWS:
+        served = comfy.get(f"/api/workflow_templates/comfyui-cvg/{p.name}")
+        assert served == workflows.load(p)
