@@ -14,6 +14,8 @@ from ..models import sampling
 from ..models.attention import BACKENDS
 from ..models.wan import latent as wan_latent
 from ..models.wan import loading, pipeline
+from ..models.wan.block_swap import BlockSwap, resident_bytes
+from ..models.wan.step_cache import CachedModel, StepCache
 from . import comfy_bridge
 
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32"]
@@ -50,7 +52,9 @@ class CVGLoadWanModel:
         "diffusion_models folder: original Wan-AI files, ComfyUI repackaged files (fp16/bf16/fp8, scaled fp8) "
         "and sharded diffusers / Wan-AI folders (pick their *.index.json). weight_dtype is how the weights are kept in memory ('default': "
         "as the file for fp8 files, the compute dtype otherwise; fp8 halves memory and is upcast per layer). "
-        "attention: 'sdpa' (PyTorch, always available) or flash_attn / sageattention when installed."
+        "attention: 'sdpa' (PyTorch, always available) or flash_attn / sageattention when installed. "
+        "blocks_to_swap keeps the last N transformer blocks in CPU memory and copies each to the GPU just "
+        "before it runs (prefetched on a side stream): 14B on smaller GPUs, at the cost of PCIe traffic."
     )
     CATEGORY = "CVG/wan"
     FUNCTION = "load"
@@ -67,10 +71,13 @@ class CVGLoadWanModel:
             },
             "optional": {
                 "compute_dtype": (COMPUTE_DTYPES, {"default": "auto"}),
+                "blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
+                    "keep this many of the last transformer blocks on the offload device (CPU) and move each in "
+                    "just before use, prefetching the next one (0 = all blocks on the GPU; 14B has 40, 1.3B 30)"}),
             },
         }
 
-    def load(self, model_name, weight_dtype, attention, compute_dtype="auto"):
+    def load(self, model_name, weight_dtype, attention, compute_dtype="auto", blocks_to_swap=0):
         path = comfy_bridge.model_path("diffusion_models", model_name)
         load_device = comfy_bridge.torch_device()
         dtype = _compute_dtype(compute_dtype, load_device)
@@ -83,7 +90,18 @@ class CVGLoadWanModel:
         # CVG_WAN_COMPILE=0 turns off the torch.compile'd elementwise groups (on by default on CUDA + Triton)
         if os.environ.get("CVG_WAN_COMPILE", "1").strip().lower() in ("0", "false", "off", "no"):
             model.fused = False
-        return (comfy_bridge.wrap_model(model, load_device=load_device),)
+        blocks_to_swap = int(blocks_to_swap)
+        if blocks_to_swap:
+            layers = len(model.blocks)
+            if blocks_to_swap > layers:
+                raise ValueError(f"CVG Load Wan Model: blocks_to_swap is {blocks_to_swap} but {model_name!r} has "
+                                 f"{layers} transformer blocks; use 0..{layers}")
+            BlockSwap(model, blocks_to_swap, offload_device=comfy_bridge.offload_device())
+        patcher = comfy_bridge.wrap_model(model, load_device=load_device)
+        if blocks_to_swap:
+            # ComfyUI plans its memory with the patcher's size: only the resident part goes to the load device
+            patcher.size = resident_bytes(model)
+        return (patcher,)
 
 
 class CVGEmptyVideoLatent:
@@ -218,10 +236,19 @@ class CVGSampler:
                     "w of v = v_tu + cfg·(v_c − v_tu) + w·(v_c − v_fu): pushes away from the prediction without "
                     "the frame condition (mask 0, no condition latent; text kept). Needs an I2V/known-frame "
                     "LATENT. 0 skips the extra pass."}),
+                "step_cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                    "first-block step cache: on a step where the first block's residual changed by less than this "
+                    "(relative L1, against the last fully computed step; cond and uncond decided separately) the "
+                    "other blocks are skipped and their last residual reused. 0 = off (exact); ~0.05-0.15 trades "
+                    "quality for fewer forwards."}),
+                "batch_cfg": ("BOOLEAN", {"default": False, "tooltip":
+                    "run the conditional and unconditional passes as one batch (faster on a GPU with memory to "
+                    "spare; same result up to float rounding)"}),
             },
         }
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, solver, denoise, frame_guidance=0.0):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, solver, denoise, frame_guidance=0.0,
+               step_cache_threshold=0.0, batch_cfg=False):
         if not hasattr(model, "model") or not hasattr(model.model, "config"):
             raise TypeError("CVG Sampler needs a CVG_WAN model from 'CVG Load Wan Model'")
         dit = model.model
@@ -256,15 +283,25 @@ class CVGSampler:
                 preview = ("JPEG", latent_preview_image(info["denoised"]), 512)
             progress.update(1, preview=preview)
 
+        threshold = float(step_cache_threshold)
+        if threshold < 0:
+            raise ValueError(f"step_cache_threshold must be >= 0 (0 turns the cache off), got {threshold}")
+        cache = StepCache(threshold) if threshold > 0 else None
         velocity_fn = None
         if frame_guidance:
-            velocity_fn = long_video.wan_velocity_fn(dit, pos.to(device), neg.to(device), cfg_scale=cfg, y=y,
+            net = dit
+            if cache is not None:  # one batched call per step (rows in a fixed order) or one call per pass
+                net = CachedModel(dit, cache, stream_of=(lambda *a: "batch") if batch_cfg else None)
+            velocity_fn = long_video.wan_velocity_fn(net, pos.to(device), neg.to(device), cfg_scale=cfg, y=y,
                                                      clip_fea=clip_fea, image_strength=strength,
-                                                     frame_guidance=frame_guidance)
+                                                     frame_guidance=frame_guidance, batched=bool(batch_cfg))
         comfy_bridge.check_interrupt()
         out = pipeline.sample_video(dit, pos.to(device), neg.to(device), z, seed, steps=steps, cfg=cfg, shift=shift,
                                     solver=solver, denoise=denoise, y=y, clip_fea=clip_fea, image_strength=strength,
-                                    callback=callback, velocity_fn=velocity_fn)
+                                    callback=callback, velocity_fn=velocity_fn, batch_cfg=bool(batch_cfg),
+                                    step_cache=cache if velocity_fn is None else None)
+        if cache is not None:
+            print(f"CVG Sampler: {cache.summary()}")
         return ({"samples": out.to(comfy_bridge.intermediate_device())},)
 
 

@@ -43,8 +43,8 @@ def files(comfy):
 
 
 def graph(model=MODEL, positive="cvg_pos.safetensors", width=32, height=48, length=5, steps=3, solver="unipc",
-          seed=7, cfg=4.0):
-    return {
+          seed=7, cfg=4.0, loader_extra=None, sampler_extra=None):
+    g = {
         "1": {"class_type": "CVGLoadWanModel", "inputs": {"model_name": model, "weight_dtype": "default",
                                                            "attention": "sdpa", "compute_dtype": "fp32"}},
         "2": {"class_type": "CVGLoadTextEmbeds", "inputs": {"embeds": positive}},
@@ -56,6 +56,9 @@ def graph(model=MODEL, positive="cvg_pos.safetensors", width=32, height=48, leng
                                                       "shift": 5.0, "solver": solver, "denoise": 1.0}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "cvg_wan_test"}},
     }
+    g["1"]["inputs"].update(loader_extra or {})
+    g["5"]["inputs"].update(sampler_extra or {})
+    return g
 
 
 def test_nodes_registered(comfy):
@@ -167,3 +170,47 @@ def test_sharded_diffusers_folder_through_the_loader_node(comfy, files):
     a = _saved_latent(comfy, comfy.run(graph(model=index, steps=2, seed=11)))
     b = _saved_latent(comfy, comfy.run(graph(steps=2, seed=11)))
     assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
+
+
+def test_speed_options_appended_at_the_end(comfy):
+    info = comfy.object_info()
+    assert list(info["CVGSampler"]["input"]["optional"]) == ["frame_guidance", "step_cache_threshold", "batch_cfg"]
+    assert info["CVGSampler"]["input"]["optional"]["step_cache_threshold"][1]["default"] == 0.0
+    assert info["CVGSampler"]["input"]["optional"]["batch_cfg"][1]["default"] is False
+    assert list(info["CVGLoadWanModel"]["input"]["optional"]) == ["compute_dtype", "blocks_to_swap"]
+    assert info["CVGLoadWanModel"]["input"]["optional"]["blocks_to_swap"][1]["default"] == 0
+
+
+def test_batch_cfg_equals_unbatched(comfy, files):
+    a = _saved_latent(comfy, comfy.run(graph(seed=21, sampler_extra={"batch_cfg": True})))
+    b = _saved_latent(comfy, comfy.run(graph(seed=21, sampler_extra={"batch_cfg": False})))
+    assert a.abs().max() > 0.1
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_step_cache_through_the_sampler_matches_in_process(comfy, files):
+    """threshold 0.2 on the tiny random model skips some steps (counted in process with the same cache) and
+    the server's latent equals the in-process cached sampling; threshold 0 equals the plain sampler."""
+    from models.wan.step_cache import StepCache
+
+    pos, neg = files
+    model = loading.load_wan_dit(comfy.models_dir / "diffusion_models" / MODEL, dtype=torch.float32)
+    cache = StepCache(0.2)
+    ref = pipeline.sample_video(model, pos, neg, torch.zeros(1, 16, 2, 6, 4), seed=8, steps=6, cfg=4.0, shift=5.0,
+                                solver="unipc", step_cache=cache)
+    assert 0 < cache.skipped < cache.calls
+    z = _saved_latent(comfy, comfy.run(graph(seed=8, steps=6, sampler_extra={"step_cache_threshold": 0.2})))
+    assert (z - ref).abs().max().item() < 1e-4
+    off = _saved_latent(comfy, comfy.run(graph(seed=8, steps=6, sampler_extra={"step_cache_threshold": 0.0})))
+    plain = pipeline.sample_video(model, pos, neg, torch.zeros(1, 16, 2, 6, 4), seed=8, steps=6, cfg=4.0, shift=5.0,
+                                  solver="unipc")
+    assert (off - plain).abs().max().item() < 1e-4
+    assert (z - off).abs().max().item() > 1e-4  # the skips changed something
+
+
+def test_blocks_to_swap_through_the_loader(comfy, files):
+    a = _saved_latent(comfy, comfy.run(graph(seed=12, steps=2, loader_extra={"blocks_to_swap": 1})))
+    b = _saved_latent(comfy, comfy.run(graph(seed=12, steps=2, loader_extra={"blocks_to_swap": 0})))
+    assert (a - b).abs().max().item() < 1e-6
+    err = comfy.run_expect_error(graph(seed=12, steps=2, loader_extra={"blocks_to_swap": 5}))
+    assert "blocks_to_swap is 5" in err and "2 transformer blocks" in err
