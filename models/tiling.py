@@ -206,6 +206,21 @@ def _shrink(tile, h, w):
     return th, tw
 
 
+def _smaller_tile_after(error, tile, h, w, device, on_retry):
+    """The next tile to try after `error`: re-raises anything but an out-of-memory error, and an OOM
+    that happened at the smallest tile already."""
+    if not is_oom(error):
+        raise error
+    current = tile or (h, w)
+    if current[0] <= MIN_TILE and current[1] <= MIN_TILE:
+        raise error
+    tile = _shrink(tile, h, w)
+    _empty_cache(device)
+    if on_retry:
+        on_retry(tile)
+    return tile
+
+
 def _empty_cache(device):
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -223,16 +238,7 @@ def decode_auto(vae, z, tile=None, overlap=DEFAULT_OVERLAP, out_device=None, out
         try:
             return decode_tiled(vae, z, tile or (h, w), overlap, out_device, out_dtype, progress)
         except Exception as e:  # noqa: BLE001 - only OOM is handled
-            if not is_oom(e):
-                raise
-            current = tile or (h, w)
-            if current[0] <= MIN_TILE and current[1] <= MIN_TILE:
-                raise
-            tile = _shrink(tile, h, w)
-            del e
-            _empty_cache(vae.device)
-            if on_retry:
-                on_retry(tile)
+            tile = _smaller_tile_after(e, tile, h, w, vae.device, on_retry)
 
 
 def iter_decode_auto(vae, z, tile=None, overlap=DEFAULT_OVERLAP, out_device=None, out_dtype=torch.float32,
@@ -255,16 +261,7 @@ def iter_decode_auto(vae, z, tile=None, overlap=DEFAULT_OVERLAP, out_device=None
                 seen += n
             return
         except Exception as e:  # noqa: BLE001 - only OOM is handled
-            if not is_oom(e):
-                raise
-            current = tile or (h, w)
-            if current[0] <= MIN_TILE and current[1] <= MIN_TILE:
-                raise
-            tile = _shrink(tile, h, w)
-            del e
-            _empty_cache(vae.device)
-            if on_retry:
-                on_retry(tile)
+            tile = _smaller_tile_after(e, tile, h, w, vae.device, on_retry)
 
 
 # ---- encoding ----------------------------------------------------------------------------------------
@@ -323,13 +320,4 @@ def encode_auto(vae, frames, shape=None, tile=None, overlap=DEFAULT_OVERLAP, pro
         try:
             return encode_tiled(vae, frames, tile or (h, w), overlap, shape, progress)
         except Exception as e:  # noqa: BLE001 - only OOM is handled
-            if not is_oom(e):
-                raise
-            current = tile or (h, w)
-            if current[0] <= MIN_TILE and current[1] <= MIN_TILE:
-                raise
-            tile = _shrink(tile, h, w)
-            del e
-            _empty_cache(vae.device)
-            if on_retry:
-                on_retry(tile)
+            tile = _smaller_tile_after(e, tile, h, w, vae.device, on_retry)
