@@ -84,11 +84,58 @@ class Linear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.register_buffer("scale_weight", None, persistent=False)
 
+    scaled_mm = False  # set by quantize_fp8_: run as an fp8 x fp8 matmul (torch._scaled_mm)
+
     def forward(self, x):
+        if self.scaled_mm and self.weight.dtype == FP8 and self.scale_weight is not None:
+            return fp8_linear(x, self.weight, self.scale_weight, self.bias)
         w = _cast(self.weight, x.dtype)
         if self.scale_weight is not None:
             w = w * self.scale_weight.to(x.dtype)
         return F.linear(x, w, _cast(self.bias, x.dtype))
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def fp8_quantize(t):
+    """Per-tensor e4m3: (t / s) in float8_e4m3fn and the float32 scale s = amax / 448 (real value = q · s)."""
+    amax = t.detach().abs().amax().float().clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x, weight_fp8, scale_w, bias=None):
+    """x · W^T (+ b) as an fp8 x fp8 matmul with float32 accumulation: the activation is quantized per tensor
+    on the fly, W is stored e4m3 with its scale; output in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, scale_x = fp8_quantize(x2)
+    out = torch._scaled_mm(xq, weight_fp8.t(), scale_a=scale_x, scale_b=scale_w.float().reshape(()),
+                           out_dtype=x.dtype)
+    if bias is not None:
+        out = out + _cast(bias, x.dtype)
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def quantize_fp8_(model, scaled_mm=True):
+    """Store every Linear of the transformer blocks as per-tensor e4m3 weights with a float32 scale, in place;
+    scaled_mm=True runs them through torch._scaled_mm (fp8 tensor cores; activations quantized per tensor),
+    False keeps the upcast-per-layer path (the weights' memory halves either way). Embeddings, head and
+    norms stay as they are. Returns the model."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for m in block.modules():
+                if isinstance(m, Linear):
+                    w = _cast(m.weight, torch.float32)
+                    if m.scale_weight is not None:
+                        w = w * m.scale_weight.float()
+                    q, s = fp8_quantize(w)
+                    m.weight = nn.Parameter(q, requires_grad=False)
+                    m.scale_weight = s.to(q.device)
+                    m.scaled_mm = bool(scaled_mm)
+    return model
 
 
 class PatchEmbed(nn.Conv3d):
