@@ -6,6 +6,16 @@ ComfyUI tree is given), same random weights, bf16, one forward at the real size,
     python bench/bench_dit.py --comfyui /path/ComfyUI   # also ComfyUI's native WanModel
     python bench/bench_dit.py --smoke               # tiny config on the CPU (checks the script runs)
 
+Fast paths (each one's output is checked against the plain path, and the check printed, before its timing):
+
+    python bench/bench_dit.py --steps 50 --step-cache 0.05,0.1,0.2 --batch-cfg --e2e-diffusers
+        # end-to-end 50-step CFG sample: plain, batched CFG, first-block step cache at each threshold
+        # (full forwards counted, max/mean |Δ| of the latent vs plain) and diffusers' transformer in the same loop
+    python bench/bench_dit.py --steps 0 --fp8       # fp8 e4m3 block Linears via torch._scaled_mm: velocity
+        # max/mean error against bf16 printed, then the forward timed
+    python bench/bench_dit.py --t2v14b --steps 0 --no-diffusers --blocks-to-swap 0,10,20,40
+        # T2V-14B forward with N blocks kept on the CPU (side-stream prefetch): peak GPU memory and time
+
 Reports, per implementation: median seconds of a forward, TFLOP/s (analytic FLOPs of the forward), the ratio
 to the bf16 matmul rate measured in the same run, peak memory; and the time of a full `--steps`-step CFG
 sample (two forwards per step) with this pack's pipeline. `--json out.json` writes the figures.
@@ -22,9 +32,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.wan import loading, pipeline  # noqa: E402
-from models.wan.dit import WanConfig, build_model  # noqa: E402
+from models import sampling  # noqa: E402
+from models.wan.block_swap import BlockSwap  # noqa: E402
+from models.wan.dit import WanConfig, build_model, quantize_fp8_  # noqa: E402
+from models.wan.step_cache import StepCache  # noqa: E402
 
 T2V_1_3B = WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, heads=12, layers=30, in_dim=16)
+T2V_14B = WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, heads=40, layers=40, in_dim=16)
 I2V_14B = WanConfig(model_type="i2v", dim=5120, ffn_dim=13824, heads=40, layers=40, in_dim=36)
 SMOKE = WanConfig(model_type="t2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=16, text_dim=64)
 SMOKE_I2V = WanConfig(model_type="i2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=36, text_dim=64, image_dim=32)
@@ -140,6 +154,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
     ap.add_argument("--i2v14b", action="store_true", help="I2V-14B forward instead of T2V-1.3B")
+    ap.add_argument("--t2v14b", action="store_true", help="T2V-14B forward instead of T2V-1.3B")
+    ap.add_argument("--fp8", action="store_true", help="also time fp8 e4m3 block Linears via torch._scaled_mm")
+    ap.add_argument("--step-cache", default="", help="comma-separated step-cache thresholds for the full sample")
+    ap.add_argument("--batch-cfg", action="store_true", help="also time the full sample with batched CFG")
+    ap.add_argument("--e2e-diffusers", action="store_true",
+                    help="also time diffusers' transformer in the same CFG sampling loop")
+    ap.add_argument("--blocks-to-swap", default="", help="comma-separated block-swap counts, e.g. 0,10,20,40")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
@@ -156,6 +177,8 @@ def main(argv=None):
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         cfg = SMOKE_I2V if args.i2v14b else SMOKE
+        if args.t2v14b:
+            cfg = WanConfig(**{**SMOKE.to_dict(), "layers": 4})
         frames, height, width = 5, 32, 48
         args.steps = min(args.steps, 2)
         args.repeat = 1
@@ -163,7 +186,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run with --smoke on the CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        cfg = I2V_14B if args.i2v14b else T2V_1_3B
+        cfg = I2V_14B if args.i2v14b else (T2V_14B if args.t2v14b else T2V_1_3B)
         frames, height, width = args.frames, args.height, args.width
     torch.backends.cuda.matmul.allow_tf32 = True
     lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
@@ -171,7 +194,7 @@ def main(argv=None):
     image = 257 if cfg.has_image else 0
     flops = forward_flops(cfg, tokens, 512, image)
     rate = matmul_rate(device, dtype)
-    name = ("I2V-14B" if args.i2v14b else "T2V-1.3B") + (" (smoke)" if args.smoke else "")
+    name = ("I2V-14B" if args.i2v14b else "T2V-14B" if args.t2v14b else "T2V-1.3B") + (" (smoke)" if args.smoke else "")
     print(f"{name}: {frames}x{height}x{width} -> latent {lat}, {tokens} tokens, 512 text rows"
           f"{', 257 image tokens' if image else ''}; {flops / 1e12:.1f} TFLOP per forward")
     print(f"{dtype} matmul rate: {rate / 1e12:.1f} TFLOP/s -> FLOP limit {flops / rate:.3f} s")
@@ -230,7 +253,9 @@ def main(argv=None):
             rel = ((a - b).norm() / b.norm()).item()
             results["rel_diff_vs_diffusers"] = rel
             print(f"  output relative difference cvg vs diffusers: {rel:.2e}")
-            del ref
+            if not args.e2e_diffusers:
+                del ref
+                ref = None
         if args.comfyui:
             try:
                 cm = comfy_model(ours, cfg, device, dtype, args.comfyui)
@@ -244,16 +269,101 @@ def main(argv=None):
                 print(f"  comfyui    skipped: {type(e).__name__}: {e}")
         if args.steps and not cfg.has_image:
             neg = (torch.randn(1, 512, cfg.text_dim, generator=g) * 0.1).to(device, dtype)
-            peak_reset(device)
-            t0 = time.perf_counter()
-            pipeline.sample_video(ours, ctx, neg, torch.zeros(1, 16, *lat, device=device), seed=0, steps=args.steps,
-                                  cfg=5.0, shift=5.0, solver="unipc")
-            sync(device)
-            sample_s = time.perf_counter() - t0
+            z0 = torch.zeros(1, 16, *lat, device=device)
+            skw = dict(seed=0, steps=args.steps, cfg=5.0, shift=5.0, solver="unipc")
+
+            def run_sample(**kw):
+                peak_reset(device)
+                t0 = time.perf_counter()
+                out = pipeline.sample_video(ours, ctx, neg, z0, **skw, **kw)
+                sync(device)
+                return out, time.perf_counter() - t0, peak_gib(device)
+
+            plain, sample_s, peak = run_sample()
             results["sample_s"] = sample_s
             results["sample_steps"] = args.steps
+            results["e2e"] = {"plain": {"s": sample_s, "forwards": 2 * args.steps, "peak_gib": peak}}
             print(f"  full {args.steps}-step CFG sample (unipc, {2 * args.steps} forwards): {sample_s:.1f} s, "
-                  f"peak {peak_gib(device):.2f} GiB")
+                  f"peak {peak:.2f} GiB")
+
+            def check(label, out):
+                d = (out - plain).abs()
+                psnr = 10 * torch.log10((plain.max() - plain.min()) ** 2 / (d ** 2).mean().clamp_min(1e-20)).item()
+                print(f"  check {label}: latent vs plain max |Δ| {d.max().item():.3e}, mean {d.mean().item():.3e}, "
+                      f"PSNR {psnr:.1f} dB")
+                return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "psnr_db": psnr}
+
+            if args.batch_cfg:
+                out, s_, peak = run_sample(batch_cfg=True)
+                c = check("batch_cfg", out)
+                results["e2e"]["batch_cfg"] = {"s": s_, "forwards": 2 * args.steps, "peak_gib": peak, **c}
+                print(f"  full sample, batched CFG ({args.steps} batch-2 forwards): {s_:.1f} s, peak {peak:.2f} GiB")
+            for th in [float(v) for v in args.step_cache.split(",") if v.strip()]:
+                cache = StepCache(th)
+                out, s_, peak = run_sample(step_cache=cache)
+                c = check(f"step cache {th}", out)
+                results["e2e"][f"step_cache_{th}"] = {"s": s_, "forwards": cache.full, "peak_gib": peak, **c}
+                print(f"  full sample, step cache {th}: {s_:.1f} s, {cache.full} of {cache.calls} forwards ran every "
+                      f"block, peak {peak:.2f} GiB")
+            if args.e2e_diffusers and ref is not None:
+                x0n = sampling.seeded_noise((1, 16, *lat), 0).to(device)
+                sig = sampling.wan_sigmas(args.steps, 5.0, "unipc")
+
+                def v_ref(xs, sigma):
+                    tt = torch.full((1,), sampling.timestep(sigma), device=device, dtype=torch.int64)
+                    xb = xs.to(dtype)
+                    vc = ref(xb, tt, ctx, return_dict=False)[0].float()
+                    vu = ref(xb, tt, neg, return_dict=False)[0].float()
+                    return sampling.cfg(vc, vu, 5.0)
+                peak_reset(device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    out = sampling.sample(v_ref, x0n, sig, "unipc")
+                sync(device)
+                s_ = time.perf_counter() - t0
+                from models.wan import latent as wan_latent
+                c = check("diffusers loop (same inputs, bf16 drift expected)", wan_latent.denormalize(out))
+                results["e2e"]["diffusers"] = {"s": s_, "forwards": 2 * args.steps, "peak_gib": peak_gib(device), **c}
+                print(f"  full sample, diffusers WanTransformer3DModel in the same UniPC CFG loop: {s_:.1f} s, "
+                      f"peak {peak_gib(device):.2f} GiB")
+        if ref is not None:
+            del ref
+        swaps = [int(v) for v in args.blocks_to_swap.split(",") if v.strip()]
+        if swaps:
+            results["block_swap"] = {}
+            base = ours(x, t, ctx, clip_fea=clip, y=y)
+            for n in swaps:
+                n = min(n, cfg.layers)
+                swap = BlockSwap(ours, n)
+                sync(device)
+                peak_reset(device)
+                out = ours(x, t, ctx, clip_fea=clip, y=y)
+                d = (out - base).abs().max().item()
+                print(f"  check blocks_to_swap {n}: max |Δ| vs all blocks resident {d:.3e}")
+                peak_reset(device)
+                s_ = timed(lambda: ours(x, t, ctx, clip_fea=clip, y=y), device, warmup=0, repeat=args.repeat)
+                peak = peak_gib(device)
+                results["block_swap"][n] = {"forward_s": s_, "peak_gib": peak, "max_abs_vs_resident": d}
+                print(f"  blocks_to_swap {n:>2}: forward {s_:.3f} s, peak {peak:.2f} GiB "
+                      f"({swap.swapped_bytes() / 2**30:.1f} GiB of weights on the CPU)")
+                swap.remove()
+                ours.to(device)
+        if args.fp8:
+            base = ours(x, t, ctx, clip_fea=clip, y=y)
+            try:
+                quantize_fp8_(ours)
+                out = ours(x, t, ctx, clip_fea=clip, y=y)
+            except (RuntimeError, NotImplementedError) as e:
+                print(f"  fp8        skipped: torch._scaled_mm unavailable here ({type(e).__name__}: {e})")
+            else:
+                d = (out - base).abs()
+                rel = ((out - base).norm() / base.norm()).item()
+                results["fp8_error_vs_bf16"] = {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "rel_l2": rel}
+                print(f"  check fp8 velocity vs {str(dtype).replace('torch.', '')}: max |Δ| {d.max().item():.3e}, mean |Δ| {d.mean().item():.3e}, "
+                      f"relative L2 {rel:.2e} (|v| mean {base.abs().mean().item():.3f})")
+                peak_reset(device)
+                s_ = timed(lambda: ours(x, t, ctx, clip_fea=clip, y=y), device, repeat=args.repeat)
+                report("cvg-fp8", s_, peak_gib(device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
