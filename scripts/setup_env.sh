@@ -7,8 +7,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${CVG_VENV:-$HOME/.cache/comfyui-cvg/venv}"
 python="${PYTHON:-python3}"
 
-if [ ! -x "$venv/bin/python" ]; then
-  "$python" -m venv "$venv"
+if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/bin/activate" ]; then
+  "$python" -m venv --clear "$venv"
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
