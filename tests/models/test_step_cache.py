@@ -187,3 +187,54 @@ def test_cached_model_for_frame_guidance_keeps_three_streams():
         got = [fn(x, s) for s in (0.9, 0.7)]
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     assert len(cache.streams) == 3 and cache.calls == 6
+
+
+def test_row_subset_of_the_blocks_equals_the_full_batch():
+    """The partial-batch path (BlockInputs.rows) on the real model: blocks 1.. on one row of a batch of 3 give
+    that row of the full batch's result (i2v: y, CLIP image context and per-row timesteps all sliced)."""
+    m = tiny_model("i2v", seed=6, layers=3)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 16, 2, 4, 6, generator=g)
+    y = torch.randn(3, 20, 2, 4, 6, generator=g)
+    clip = torch.randn(3, 3, 8, generator=g)
+    ctx = torch.randn(3, 5, 16, generator=g)
+    t = torch.tensor([900, 500, 100])
+    with torch.no_grad():
+        inp = m.embed(x, t, ctx, clip_fea=clip, y=y)
+        h1 = m.run_blocks(inp, inp.x, 0, 1)
+        full = m.run_blocks(inp, h1, 1)
+        idx = torch.tensor([2, 0])
+        part = m.run_blocks(inp.rows(idx), h1[idx], 1)
+        assert torch.allclose(part, full[idx], atol=1e-5, rtol=1e-5)
+        assert torch.equal(m.finish(inp, full), m(x, t, ctx, clip_fea=clip, y=y))
+
+
+def test_cached_model_batched_frame_guidance():
+    """wan_velocity_fn(batched=True) makes one call per step with rows [cond, text-uncond, frame-uncond]: with
+    CachedModel(stream_of="batch") a never-skipping cache equals the plain batched function bit for bit, and a
+    threshold between the rows' distances reuses some rows while running the others."""
+    m = tiny_model("i2v", seed=7, layers=3)
+    pos, neg = texts(5)
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(1, 20, 2, 4, 6, generator=g)
+    x = torch.randn(1, 16, 2, 4, 6, generator=g)
+    kw = dict(cfg_scale=3.0, y=y, image_strength=0.0, frame_guidance=1.5, batched=True)
+    sigmas = (0.9, 0.85, 0.8)
+    with torch.no_grad():
+        ref = [long_video.wan_velocity_fn(m, pos, neg, **kw)(x, s) for s in sigmas]
+        never = StepCache(1e-30)
+        fn = long_video.wan_velocity_fn(CachedModel(m, never, stream_of=lambda *a: "batch"), pos, neg, **kw)
+        got = [fn(x, s) for s in sigmas]
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert list(never.streams) == ["batch"] and never.calls == 9 and never.full == 9
+    d = never.history[1][1]  # the three rows' distances at the 2nd step
+    assert len(d) == 3
+    lo, hi = min(d), max(d)
+    assert hi - lo > 1e-6  # the frame-uncond row moves differently from the two text rows
+    cache = StepCache((lo + hi) / 2)
+    with torch.no_grad():
+        fn = long_video.wan_velocity_fn(CachedModel(m, cache, stream_of=lambda *a: "batch"), pos, neg, **kw)
+        fn(x, sigmas[0])
+        fn(x, sigmas[1])
+    assert cache.history[1][2] == [v >= (lo + hi) / 2 for v in d]
+    assert 3 < cache.full < 6
