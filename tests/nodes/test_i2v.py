@@ -168,3 +168,49 @@ def test_frame_guidance_without_condition_is_a_clear_error(comfy, files):
     g["s"]["inputs"]["frame_guidance"] = 1.0
     del g["c"]
     assert "needs a frame condition" in comfy.run_expect_error(g)
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_frame_guidance_with_step_cache_and_batch_cfg_matches_in_process(comfy, files, batch_cfg):
+    """CVG Sampler with frame_guidance + step_cache_threshold (+ batch_cfg): the server's latent equals the
+    in-process oracle built from long_video.wan_velocity_fn on a CachedModel with the same threshold, which
+    skipped some (not all) passes. A 3-block model (with one block, reusing 'the other blocks' is exact)."""
+    from models import long_video
+    from models.wan import loading, pipeline, vae_loading
+    from models.wan.dit import WanConfig, WanDiT
+    from models.wan.step_cache import CachedModel, StepCache
+    pos, neg, imgs = files
+    name = "cvg_i2v_tiny_3blocks.safetensors"
+    m = WanDiT(WanConfig(model_type="i2v", dim=128, ffn_dim=64, heads=1, layers=3, in_dim=36))
+    gen = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            r = torch.randn(p.shape, generator=gen)
+            p.copy_(r / math.sqrt(math.prod(p.shape[1:])) if p.ndim >= 2 and "modulation" not in pname else r)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+              str(comfy.models_dir / "diffusion_models" / name))
+    vae = vae_loading.load_wan_vae(comfy.models_dir / "vae" / VAE, dtype=torch.float32, device="cpu")
+    frames = {0: C.resize_image_bicubic(C.images_to_model(imgs[0]), H, W)[0]}
+    with torch.no_grad():
+        y = C.build_condition(lambda v: vae.encode(v), frames, 9, H, W)
+    dit = loading.load_wan_dit(comfy.models_dir / "diffusion_models" / name, dtype=torch.float32)
+    zeros = torch.zeros(1, 16, 3, H // 8, W // 8)
+    stream_of = (lambda *a: "batch") if batch_cfg else None
+
+    def oracle(cache):
+        fn = long_video.wan_velocity_fn(CachedModel(dit, cache, stream_of=stream_of), pos, neg, cfg_scale=3.0, y=y,
+                                        image_strength=0.0, frame_guidance=1.5, batched=batch_cfg)
+        return pipeline.sample_video(dit, pos, neg, zeros, seed=7, steps=6, cfg=3.0, shift=3.0, solver="unipc", y=y,
+                                     image_strength=0.0, velocity_fn=fn)
+    probe = StepCache(1e-30)
+    plain = oracle(probe)
+    dists = sorted(v for h in probe.history if h[1] for v in h[1])
+    threshold = round(dists[len(dists) // 2], 2)  # about half the passes fall below it
+    cache = StepCache(threshold)
+    ref = oracle(cache)
+    assert 0 < cache.skipped < cache.calls, (threshold, dists)
+    g = graph(name)
+    g["s"]["inputs"].update(steps=6, frame_guidance=1.5, step_cache_threshold=threshold, batch_cfg=batch_cfg)
+    z = _latent(comfy, comfy.run(g))
+    assert (z - ref).abs().max().item() < 1e-4
+    assert (ref - plain).abs().max().item() > 1e-4  # the skips mattered
