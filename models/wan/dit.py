@@ -112,8 +112,17 @@ def fp8_linear(x, weight_fp8, scale_w, bias=None):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xq, scale_x = fp8_quantize(x2)
-    out = torch._scaled_mm(xq, weight_fp8.t(), scale_a=scale_x, scale_b=scale_w.float().reshape(()),
-                           out_dtype=x.dtype)
+    sw = scale_w.float().reshape(())
+    try:
+        out = torch._scaled_mm(xq, weight_fp8.t(), scale_a=scale_x, scale_b=sw, out_dtype=x.dtype)
+    except RuntimeError:
+        rows = xq.shape[0]
+        if rows % 16 == 0:
+            raise
+        # kernels that need every dim divisible by 16: pad the token rows with zeros, drop them after
+        pad = xq.new_zeros(16 - rows % 16, xq.shape[1])
+        out = torch._scaled_mm(torch.cat([xq, pad]), weight_fp8.t(), scale_a=scale_x, scale_b=sw,
+                               out_dtype=x.dtype)[:rows]
     if bias is not None:
         out = out + _cast(bias, x.dtype)
     return out.reshape(*shape[:-1], out.shape[-1])
