@@ -172,4 +172,6 @@ def _execution_error(status):
                 f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_type')}: "
                 f"{data.get('exception_message')}\n{''.join(data.get('traceback', []))[-3000:]}"
             )
+    if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
+        return "interrupted (execution_interrupted)"
     return json.dumps(status)[:3000]
