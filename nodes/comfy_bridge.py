@@ -45,12 +45,22 @@ def register_model_folders():
         folder_paths.folder_names_and_paths[key] = (paths, set(extensions) | WEIGHT_EXTENSIONS)
 
 
+# Files the pack ships (the demo weights), listed under one folder key each without adding their folder
+# to ComfyUI's registry, so no loader lists files of another kind and native loaders are untouched.
+_BUNDLED = {}
+
+
+def add_bundled_file(key, path):
+    _BUNDLED.setdefault(key, {})[os.path.basename(path)] = path
+
+
 def model_files(key):
-    return folder_paths.get_filename_list(key)
+    user = list(folder_paths.get_filename_list(key))
+    return user + sorted(n for n in _BUNDLED.get(key, {}) if n not in user)
 
 
 def model_path(key, name):
-    path = folder_paths.get_full_path(key, name)
+    path = folder_paths.get_full_path(key, name) or _BUNDLED.get(key, {}).get(name)
     if path is None:
         raise FileNotFoundError(
             f"model file {name!r} was not found in the {key!r} folders "

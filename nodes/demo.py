@@ -1,8 +1,9 @@
 """Demo-world nodes: the caption encoder of the bundled demo models and a ground-truth scene renderer.
 
-The bundled weights (models/demo/weights/*.safetensors) are added to the `vae` and `diffusion_models`
-folder keys when the pack loads, so `CVG Load VAE` lists cvg_demo_vae.safetensors and
-`CVG Load Wan Model` lists cvg_demo_t2v.safetensors / cvg_demo_i2v.safetensors without any user action.
+The bundled weights (models/demo/weights/*.safetensors) are listed when the pack loads, each under its own
+folder key: `CVG Load VAE` lists cvg_demo_vae.safetensors and `CVG Load Wan Model` lists
+cvg_demo_t2v.safetensors / cvg_demo_i2v.safetensors without any user action (a user's file of the same
+name in ComfyUI's folders takes precedence).
 """
 import os
 
@@ -17,20 +18,17 @@ TEXT_ENCODER_FILE = "cvg_demo_text_encoder.safetensors"
 DEFAULT_CAPTION = "a red circle moving right quickly on a black background"
 
 
+BUNDLED = {"vae": ("cvg_demo_vae.safetensors",),
+           "diffusion_models": ("cvg_demo_t2v.safetensors", "cvg_demo_i2v.safetensors")}
+
+
 def register_bundled_weights():
-    """Add the bundled weights folder to the `vae` and `diffusion_models` keys (idempotent)."""
-    if not os.path.isdir(WEIGHTS_DIR):
-        return
-    add = getattr(comfy_bridge, "add_model_folder", None)
-    for key in ("vae", "diffusion_models"):
-        if add is not None:
-            add(key, WEIGHTS_DIR)
-            continue
-        # Stopgap until comfy_bridge offers add_model_folder: the same operation on ComfyUI's registry.
-        registry = comfy_bridge.folder_paths.folder_names_and_paths
-        paths, extensions = registry.get(key, ([], set()))
-        if WEIGHTS_DIR not in paths:
-            registry[key] = (list(paths) + [WEIGHTS_DIR], set(extensions) | comfy_bridge.WEIGHT_EXTENSIONS)
+    """List each bundled file under its own folder key (CVG Load VAE / CVG Load Wan Model)."""
+    for key, names in BUNDLED.items():
+        for name in names:
+            path = os.path.join(WEIGHTS_DIR, name)
+            if os.path.isfile(path):
+                comfy_bridge.add_bundled_file(key, path)
 
 
 register_bundled_weights()

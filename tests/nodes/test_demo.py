@@ -19,6 +19,11 @@ def test_bundled_files_listed(comfy):
     assert "cvg_demo_vae.safetensors" in info["CVGLoadVAE"]["input"]["required"]["vae_name"][0]
     models = info["CVGLoadWanModel"]["input"]["required"]["model_name"][0]
     assert "cvg_demo_t2v.safetensors" in models and "cvg_demo_i2v.safetensors" in models
+    # each file only under its own kind, and ComfyUI's own loaders are left alone
+    assert not {"cvg_demo_t2v.safetensors", "cvg_demo_text_encoder.safetensors"} & set(
+        info["CVGLoadVAE"]["input"]["required"]["vae_name"][0])
+    assert not {"cvg_demo_vae.safetensors", "cvg_demo_text_encoder.safetensors"} & set(models)
+    assert "cvg_demo_vae.safetensors" not in info["VAELoader"]["input"]["required"]["vae_name"][0]
 
 
 @pytest.mark.parametrize("name,frames", [("demo_t2v", 17), ("demo_i2v", 17), ("demo_long", 17 + 7 * (17 - 5))])
