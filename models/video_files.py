@@ -27,7 +27,6 @@ Writers write to a hidden temporary name in the destination folder and rename it
 error the temporary file is deleted, so a failed encode leaves nothing behind.
 """
 import fractions
-import io
 import json
 import math
 import os

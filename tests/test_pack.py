@@ -6,7 +6,6 @@ import shutil
 import tomllib
 from pathlib import Path
 
-import pytest
 
 from host.provision import comfyui_path
 from host.server import PACK_NAME, ComfyServer

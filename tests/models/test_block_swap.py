@@ -1,26 +1,18 @@
 """Block swap (models/wan/block_swap.py) on the CPU ("cpu" as both devices: the same code path as CUDA,
 synchronous, with real copies). Oracle: the same model without block swap (bit-identical output)."""
-import math
 
 import pytest
 import torch
 
 from models.wan import pipeline
 from models.wan.block_swap import BlockSwap, resident_bytes
+from host.random_weights import randomize_dit
 from models.wan.dit import WanConfig, WanDiT
 
 
 def tiny_model(seed=0, layers=3):
     cfg = WanConfig(model_type="t2v", dim=32, ffn_dim=48, heads=2, layers=layers, text_dim=16, freq_dim=16)
-    m = WanDiT(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and "modulation" not in name:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(r)
-    return m
+    return randomize_dit(WanDiT(cfg).eval(), seed)
 
 
 def inputs(seed=1):

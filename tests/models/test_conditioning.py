@@ -1,5 +1,4 @@
 """I2V / FLF2V conditioning against diffusers' WanImageToVideoPipeline.prepare_latents and REFERENCE §2."""
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """The demo measurement code is the oracle of the demo CI tests: check it on rendered ground truth."""
-import math
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,5 @@
 """AnimateDiff motion module: parity with diffusers, released key sets, insertion into an SD1.5-layout UNet."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,13 +5,13 @@ number of full forwards is counted independently by a hook on the LAST block (it
 runs); the skip rule is checked on a scripted fake model against the formula d = mean|r1 − r1_prev| /
 mean|r1_prev| written out in the test.
 """
-import math
 
 import pytest
 import torch
 
 from models import long_video
 from models.wan import pipeline
+from host.random_weights import randomize_dit
 from models.wan.dit import BlockInputs, WanConfig, WanDiT
 from models.wan.step_cache import CachedModel, StepCache
 
@@ -19,15 +19,7 @@ from models.wan.step_cache import CachedModel, StepCache
 def tiny_model(model_type="t2v", seed=0, layers=4):
     cfg = WanConfig(model_type=model_type, dim=32, ffn_dim=48, heads=2, layers=layers, text_dim=16, freq_dim=16,
                     in_dim=16 if model_type == "t2v" else 36, image_dim=8, image_tokens=3)
-    m = WanDiT(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and "modulation" not in name:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(r)
-    return m
+    return randomize_dit(WanDiT(cfg).eval(), seed)
 
 
 def texts(seed=1, dim=16):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from host.random_weights import randomize_dit
 from models.wan import loading
 from models.wan.dit import WanConfig, WanDiT, apply_rope, rope_freqs, rope_split, rope_tables, sinusoidal_embedding
 
@@ -18,16 +19,7 @@ def tiny_config(model_type="t2v", **kw):
     return WanConfig(**base)
 
 
-def randomize(model, seed=0):
-    """Every parameter random (fan-in scaled so activations stay O(1)); nothing left at its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and "modulation" not in name and "emb_pos" not in name:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(r)
-    return model
+randomize = randomize_dit  # every parameter random, nothing left at its init
 
 
 def make_pair(model_type, seed=0):

@@ -1,8 +1,6 @@
 """Wan DiT loading: manifest key sets on meta, variant detection, every file layout (small files written
 here), storage dtypes, scaled fp8, the diffusers layout (sharded), and clear errors for wrong files."""
 import json
-import math
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from host.reference import manifest_dir
+from host.random_weights import randomize_dit
 from models.checkpoints import CheckpointError
 from models.wan import loading
 from models.wan.dit import WanConfig, WanDiT, build_model
@@ -38,15 +37,7 @@ def tiny(model_type="t2v", **kw):
 
 
 def random_model(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = WanDiT(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and "modulation" not in name and "emb_pos" not in name:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(r)
-    return m
+    return randomize_dit(WanDiT(cfg).eval(), seed)
 
 
 def run(m, cfg, seed=1):

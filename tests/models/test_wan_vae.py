@@ -2,7 +2,6 @@
 streaming, the released key set, and loading every file layout incl. the error paths."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from models import checkpoints
 from models.wan import vae as wv
 from models.wan import vae_loading as vl
 
+from host.random_weights import randomize_vae
 from host.reference import manifest
 
 MANIFEST = manifest("wan2.1_vae.json")
@@ -20,19 +20,7 @@ CFG_A = dict(dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_d
 CFG_B = dict(dim=6, z_dim=3, dim_mult=[1, 2], num_res_blocks=2, temperal_downsample=[True])
 
 
-def randomize(model, seed=0):
-    """Every parameter random (incl. RMS gammas, biases and the attention proj the reference zeroes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5))
-    return model
+randomize = randomize_vae  # RMS gammas, biases and the attention proj the reference zeroes: all random
 
 
 def tiny(cfg=CFG_A, seed=0):

@@ -4,23 +4,14 @@ Oracle: the condition built in this process from the same image with models/cond
 rules on the VAE file (diffusers parity of that construction is tested in tests/models/test_conditioning.py)
 and sampled with models/wan/pipeline.py.
 """
-import math
-
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models import conditioning as C
-from models.wan import latent as wan_latent
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("lv_node_test", pathlib.Path(__file__).with_name("test_long_video.py"))
-_lv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_lv)
+from host import random_weights
 
 I2V = "cvg_i2v_tiny.safetensors"
 FLF = "cvg_flf2v_tiny.safetensors"
@@ -32,10 +23,10 @@ W, H = 32, 48
 @pytest.fixture(scope="module")
 def files(comfy):
     from models.wan import vae_loading
-    save_file(_lv.tiny_dit_state("i2v", 4), str(comfy.models_dir / "diffusion_models" / I2V))
-    save_file(_lv.tiny_dit_state("flf2v", 5), str(comfy.models_dir / "diffusion_models" / FLF))
-    save_file(_lv.tiny_dit_state("t2v", 6), str(comfy.models_dir / "diffusion_models" / T2V))
-    vae_loading.save_wan_vae(_lv.tiny_vae(3), comfy.models_dir / "vae" / VAE)
+    save_file(random_weights.tiny_dit_state("i2v", 4), str(comfy.models_dir / "diffusion_models" / I2V))
+    save_file(random_weights.tiny_dit_state("flf2v", 5), str(comfy.models_dir / "diffusion_models" / FLF))
+    save_file(random_weights.tiny_dit_state("t2v", 6), str(comfy.models_dir / "diffusion_models" / T2V))
+    vae_loading.save_wan_vae(random_weights.tiny_vae(3), comfy.models_dir / "vae" / VAE)
     g = torch.Generator().manual_seed(8)
     pos, neg = torch.randn(1, 6, 4096, generator=g), torch.randn(1, 3, 4096, generator=g)
     save_file({"text_embeds": pos}, str(comfy.input_dir / "cvg_i2v_pos.safetensors"))
@@ -182,11 +173,7 @@ def test_frame_guidance_with_step_cache_and_batch_cfg_matches_in_process(comfy, 
     pos, neg, imgs = files
     name = "cvg_i2v_tiny_3blocks.safetensors"
     m = WanDiT(WanConfig(model_type="i2v", dim=128, ffn_dim=64, heads=1, layers=3, in_dim=36))
-    gen = torch.Generator().manual_seed(17)
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=gen)
-            p.copy_(r / math.sqrt(math.prod(p.shape[1:])) if p.ndim >= 2 and "modulation" not in pname else r)
+    random_weights.randomize_dit(m, 17)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()},
               str(comfy.models_dir / "diffusion_models" / name))
     vae = vae_loading.load_wan_vae(comfy.models_dir / "vae" / VAE, dtype=torch.float32, device="cpu")

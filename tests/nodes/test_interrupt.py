@@ -2,17 +2,13 @@
 no partial output file behind. Uninterrupted, these jobs take about 29 s (sampler, 1000 steps) and 58 s
 (decode of 1021 frames to mp4) on the 2-core CI machine, so stopping within 5 s shows the nodes' own
 per-step / per-chunk checks work, not ComfyUI's check between nodes."""
-import importlib.util
-import pathlib
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-_spec = importlib.util.spec_from_file_location("lv_interrupt", pathlib.Path(__file__).with_name("test_long_video.py"))
-_lv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_lv)
+from host import random_weights
 
 DIT = "cvg_interrupt_t2v.safetensors"
 VAE = "cvg_interrupt_vae.safetensors"
@@ -21,8 +17,8 @@ VAE = "cvg_interrupt_vae.safetensors"
 @pytest.fixture(scope="module")
 def files(comfy):
     from models.wan import vae_loading
-    save_file(_lv.tiny_dit_state("t2v", 11), str(comfy.models_dir / "diffusion_models" / DIT))
-    vae_loading.save_wan_vae(_lv.tiny_vae(5), comfy.models_dir / "vae" / VAE)
+    save_file(random_weights.tiny_dit_state("t2v", 11), str(comfy.models_dir / "diffusion_models" / DIT))
+    vae_loading.save_wan_vae(random_weights.tiny_vae(5), comfy.models_dir / "vae" / VAE)
     g = torch.Generator().manual_seed(0)
     save_file({"text_embeds": torch.randn(1, 4, 4096, generator=g)}, str(comfy.input_dir / "cvg_int_pos.safetensors"))
 

@@ -5,7 +5,6 @@ models/wan/pipeline.py sampling (segment 0 of a long video is plain T2V) and the
 models/wan/vae.py (seam error = mean |decode(encode(tail)) − tail|, by the causality of both directions).
 """
 import json
-import math
 
 import pytest
 import torch
@@ -14,42 +13,13 @@ from safetensors.torch import load_file, save_file
 from models import long_video as LV
 from models import sampling
 from models.wan import latent as wan_latent
-from models.wan.dit import WanConfig, WanDiT
+from host.random_weights import tiny_dit_state, tiny_vae
 
 T2V = "cvg_lv_t2v_tiny.safetensors"
 I2V = "cvg_lv_i2v_tiny.safetensors"
 VAE = "cvg_lv_vae_tiny.safetensors"
 TEXT_DIM = 4096
 W, H = 32, 32
-
-
-def tiny_dit_state(model_type, seed):
-    in_dim = 16 if model_type == "t2v" else 36
-    m = WanDiT(WanConfig(model_type=model_type, dim=128, ffn_dim=64, heads=1, layers=1, in_dim=in_dim))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and "modulation" not in name:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(r)
-    return {k: v.contiguous() for k, v in m.state_dict().items()}
-
-
-def tiny_vae(seed=0):
-    from models.wan.vae import WanVAE
-    vae = WanVAE(dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                 temperal_downsample=[False, True, True]).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p[0].numel() ** 0.5))
-    return vae
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +199,6 @@ def test_extend_rejects_bad_overlap(comfy, files):
 
 
 def _keyframe_pngs(comfy, n):
-    import numpy as np
     from PIL import Image
     g = torch.Generator().manual_seed(21)
     names = []

@@ -3,9 +3,7 @@
 Oracle: the source clip the test writes itself (lossless ffv1) and models/video_files.py's reader on the
 files the server wrote; PSNR bounds for lossy formats, exact equality for lossless ones.
 """
-import json
 import os
-import shutil
 
 import pytest
 import torch

@@ -5,12 +5,13 @@ a saved latent (and a decoded video when the pack's VAE decode node is present).
 Oracle: the same sampling run in this process with models/wan/pipeline.py on the same file and seed.
 """
 import json
-import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from host.random_weights import randomize_dit, tiny_vae
+from models.wan import vae_loading
 from models.wan import loading, pipeline
 from models.wan.dit import WanConfig, WanDiT
 
@@ -19,14 +20,7 @@ MODEL = "cvg_test_wan_t2v_tiny.safetensors"
 
 def tiny_state(seed=0):
     cfg = WanConfig(model_type="t2v", dim=128, ffn_dim=64, heads=1, layers=2)
-    m = WanDiT(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and "modulation" not in name:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            p.copy_(r)
+    m = randomize_dit(WanDiT(cfg), seed)
     return {"model.diffusion_model." + k: v.contiguous() for k, v in m.state_dict().items()}
 
 
@@ -112,27 +106,11 @@ def test_vae_file_in_diffusion_models_is_named(comfy, files):
 VAE = "cvg_test_wan_vae_tiny.safetensors"
 
 
-def tiny_vae_state(seed=0):
-    from models.wan.vae import WanVAE, WanVAEConfig
-
-    vae = WanVAE(WanVAEConfig(dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                r = r / math.sqrt(math.prod(p.shape[1:]))
-            else:
-                r = 1.0 + 0.1 * r if "gamma" in name else 0.1 * r
-            p.copy_(r)
-    return {k: v.contiguous() for k, v in vae.state_dict().items()}
-
-
 def test_t2v_graph_decoded_and_saved(comfy, files):
     """Empty latent -> sampler -> CVG VAE Decode -> CVG Save Video: a 5-frame 32x48 video file exists."""
     from models import video_files as vf
 
-    save_file(tiny_vae_state(), str(comfy.models_dir / "vae" / VAE))
+    vae_loading.save_wan_vae(tiny_vae(), comfy.models_dir / "vae" / VAE)
     g = graph(steps=2)
     g["6"] = {"class_type": "CVGLoadVAE", "inputs": {"vae_name": VAE, "dtype": "fp32", "device": "auto"}}
     g["7"] = {"class_type": "CVGVAEDecode", "inputs": {"vae": ["6", 0], "samples": ["5", 0], "tiling": "off",
