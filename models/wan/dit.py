@@ -335,7 +335,9 @@ def fused_ops():
 # Attention blocks
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o and the RMS q/k norms (across heads) that both attentions of a block have."""
+
     def __init__(self, dim, heads, eps):
         super().__init__()
         self.heads = heads
@@ -347,6 +349,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+
+class SelfAttention(_Projections):
     def forward(self, x, rope, backend, ops=EAGER, sp=None):
         b, n, _ = x.shape
         dtype = x.dtype
@@ -358,20 +362,12 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, backend))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Unmasked cross-attention to the text context; i2v/flf2v add a decoupled image branch:
     out = o(Attn(q, k(text), v(text)) + λ·Attn(q, norm_k_img(k_img(img)), v_img(img)))."""
 
     def __init__(self, dim, heads, eps, image=False):
-        super().__init__()
-        self.heads = heads
-        self.head_dim = dim // heads
-        self.q = Linear(dim, dim)
-        self.k = Linear(dim, dim)
-        self.v = Linear(dim, dim)
-        self.o = Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        super().__init__(dim, heads, eps)
         self.image = image
         if image:
             self.k_img = Linear(dim, dim)
