@@ -26,6 +26,7 @@ class SequenceParallel:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.length = None  # tokens of the whole sequence, set by shard()
 
     def check_heads(self, heads):
         if heads % self.world:
@@ -40,8 +41,9 @@ class SequenceParallel:
         return [base + (r < extra) for r in range(self.world)]
 
     def shard(self, x, dim=1):
-        sizes = self.sizes(x.shape[dim])
-        return x.split(sizes, dim)[self.rank]
+        # The full token count is remembered here, so attention needs no collective to learn it.
+        self.length = x.shape[dim]
+        return x.split(self.sizes(self.length), dim)[self.rank]
 
     def gather(self, x, length, dim=1):
         """The full sequence [.., L, ..] from every rank's shard (shards may differ by one token)."""
@@ -73,7 +75,7 @@ class SequenceParallel:
         b, l_local, h, d = q.shape
         self.check_heads(h)
         hs = h // self.world
-        sizes = self.sizes(self._total_length(l_local, q.device))
+        sizes = self.sizes(self.length)
 
         def seq_to_heads(x):  # my tokens, every head shard -> every rank's tokens, my head shard
             return torch.cat(self._exchange(x.split(hs, 2), 1, [l_local] * self.world, sizes), 1)
@@ -81,11 +83,6 @@ class SequenceParallel:
         out = inner(seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)).view(b, sum(sizes), hs, d)
         parts = self._exchange(out.split(sizes, 1), 1, sizes, [l_local] * self.world)
         return torch.cat(parts, 2).reshape(b, l_local, h * d)
-
-    def _total_length(self, local, device):
-        n = torch.tensor([local], device=device)
-        dist.all_reduce(n, group=self.group)
-        return int(n.item())
 
 
 def cfg_parallel_velocity(velocity, scale, group=None):
