@@ -69,6 +69,22 @@ def model_path(key, name):
     return path
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(name, device):
+    """A dtype widget value ("auto", "bf16", "fp16", "fp32") for a device: auto is bf16 (fp16 where bf16 is
+    missing) on CUDA, fp16 on MPS and fp32 on the CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
 def torch_device():
     return mm.get_torch_device()
 

@@ -13,16 +13,6 @@ from . import comfy_bridge
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 DEVICES = ["auto", "cpu"]
 TILING_MODES = ["auto", "off", "manual"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _compute_dtype(name, device):
-    if name != "auto":
-        return _DTYPES[name]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def _check_images(images):
@@ -218,7 +208,7 @@ class CVGLoadVAE:
             load_device = offload = torch.device("cpu")
         else:
             load_device, offload = comfy_bridge.torch_device(), comfy_bridge.offload_device()
-        compute = _compute_dtype(dtype, load_device)
+        compute = comfy_bridge.compute_dtype(dtype, load_device)
         model = vae_loading.load_wan_vae(path, dtype=compute, device=offload)
         if torch.device(load_device).type == "cuda":
             model.set_channels_last(True)

@@ -20,19 +20,6 @@ from . import comfy_bridge
 
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32"]
 COMPUTE_DTYPES = ["auto", "bf16", "fp16", "fp32"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _compute_dtype(name, device):
-    if name != "auto":
-        return _DTYPES[name]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
@@ -80,7 +67,7 @@ class CVGLoadWanModel:
     def load(self, model_name, weight_dtype, attention, compute_dtype="auto", blocks_to_swap=0):
         path = comfy_bridge.model_path("diffusion_models", model_name)
         load_device = comfy_bridge.torch_device()
-        dtype = _compute_dtype(compute_dtype, load_device)
+        dtype = comfy_bridge.compute_dtype(compute_dtype, load_device)
         wd = None if weight_dtype == "default" else weight_dtype
         try:
             model = loading.load_wan_dit(path, device=comfy_bridge.offload_device(), dtype=dtype, weight_dtype=wd,
