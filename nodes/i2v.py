@@ -9,13 +9,13 @@ accepts ComfyUI's native WanImageToVideo / WanFirstLastFrameToVideo conditioning
 from ..models import conditioning
 from ..models.wan import latent as wan_latent
 from . import comfy_bridge
+from .vae import require_vae
 
 
 def vae_encoder(vae):
     """``encode(video [1,3,F,H,W] in −1..1) -> raw latent`` through a CVG_VAE (``encode_images`` takes
     IMAGE frames in 0..1)."""
-    if not hasattr(vae, "encode_images"):
-        raise TypeError(f"expected a CVG_VAE (from 'CVG Load VAE'), got {type(vae).__name__}")
+    require_vae(vae)
 
     def encode(video):
         images = ((video[0].permute(1, 2, 3, 0) + 1.0) * 0.5)

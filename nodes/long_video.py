@@ -19,6 +19,7 @@ from ..models import long_video as LV
 from ..models import sampling
 from ..models.wan import latent as wan_latent
 from . import comfy_bridge
+from .vae import require_vae
 
 SOLVERS = list(sampling.SOLVERS)
 PERTURB_SEED_OFFSET = 7919
@@ -49,13 +50,6 @@ def wan_model(model):
     return module
 
 
-def check_vae(vae):
-    for name in ("encode_images", "decode_to_images"):
-        if not hasattr(vae, name):
-            raise TypeError(f"expected a CVG_VAE (from 'CVG Load VAE'), got {type(vae).__name__}")
-    return vae
-
-
 def check_images(images, what):
     if not torch.is_tensor(images) or images.ndim != 4:
         raise ValueError(f"{what} must be an IMAGE [frames, height, width, channels]")
@@ -84,7 +78,7 @@ class SegmentSampler:
                  frame_guidance, height, width, clip_vision=None, image_strength=1.0, progress=None,
                  batched=False, prompt_list=False):
         self.model = wan_model(model)
-        self.vae = check_vae(vae)
+        self.vae = require_vae(vae)
         prompts = text_contexts(positive)
         if len(prompts) > 1 and not prompt_list:
             raise ValueError(

@@ -232,7 +232,7 @@ class CVGVAEEncode:
     CATEGORY = "CVG/vae"
 
     def encode(self, vae, images):
-        _require_vae(vae)
+        require_vae(vae)
         return ({"samples": vae.encode_images(images)},)
 
 
@@ -262,14 +262,16 @@ class CVGVAEDecode:
     CATEGORY = "CVG/vae"
 
     def decode(self, vae, samples, tiling="auto", tile_size=512, tile_overlap=64):
-        _require_vae(vae)
+        require_vae(vae)
         z = samples["samples"] if isinstance(samples, dict) else samples
         return (vae.decode_to_images(z, tiling, tile_size, tile_overlap),)
 
 
-def _require_vae(vae):
-    if not isinstance(vae, CVGVae) and not hasattr(vae, "encode_images"):
-        raise TypeError(f"expected a CVG_VAE from 'CVG Load VAE', got {type(vae).__name__}")
+def require_vae(vae):
+    """The CVG_VAE value itself, or a clear error for anything else wired into a vae input."""
+    if not isinstance(vae, CVGVae) and not all(hasattr(vae, m) for m in ("encode_images", "decode_to_images")):
+        raise TypeError(f"expected a CVG_VAE (from 'CVG Load VAE'), got {type(vae).__name__}")
+    return vae
 
 
 NODE_CLASS_MAPPINGS = {
