@@ -14,11 +14,12 @@ from ..models import sampling
 from ..models.attention import BACKENDS
 from ..models.wan import latent as wan_latent
 from ..models.wan import loading, pipeline
+from ..models.wan.dit import scaled_mm_unsupported
 from ..models.wan.block_swap import BlockSwap, resident_bytes
 from ..models.wan.step_cache import CachedModel, StepCache
 from . import comfy_bridge
 
-WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32"]
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32", loading.SCALED_MM]
 COMPUTE_DTYPES = ["auto", "bf16", "fp16", "fp32"]
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -38,7 +39,8 @@ class CVGLoadWanModel:
         "Loads a Wan2.1 diffusion model (T2V-1.3B/14B, I2V-14B, FLF2V-14B; detected from the file) from the "
         "diffusion_models folder: original Wan-AI files, ComfyUI repackaged files (fp16/bf16/fp8, scaled fp8) "
         "and sharded diffusers / Wan-AI folders (pick their *.index.json). weight_dtype is how the weights are kept in memory ('default': "
-        "as the file for fp8 files, the compute dtype otherwise; fp8 halves memory and is upcast per layer). "
+        "as the file for fp8 files, the compute dtype otherwise; fp8 halves memory and is upcast per layer; "
+        "fp8_e4m3fn_scaled_mm also multiplies in fp8 on GPUs with fp8 tensor cores — see its tooltip). "
         "attention: 'sdpa' (PyTorch, always available) or flash_attn / sageattention when installed. "
         "blocks_to_swap keeps the last N transformer blocks in CPU memory and copies each to the GPU just "
         "before it runs (prefetched on a side stream): 14B on smaller GPUs, at the cost of PCIe traffic."
@@ -53,7 +55,14 @@ class CVGLoadWanModel:
         return {
             "required": {
                 "model_name": (_wan_model_files(),),
-                "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip":
+                    "how the transformer blocks' weights are kept: 'default' as the file for fp8 files, else the "
+                    "compute dtype; fp8_e4m3fn / fp8_e5m2 store fp8 (half the memory of bf16) and upcast each layer "
+                    "to the compute dtype. fp8_e4m3fn_scaled_mm stores e4m3 with one scale per weight (scaled fp8 "
+                    "files kept as they are) and runs those matmuls in fp8 through torch._scaled_mm, activations "
+                    "quantized per tensor: faster, slightly less exact. It needs fp8 tensor cores (NVIDIA compute "
+                    "capability 8.9+: RTX 40/50, L4, L40, H100, H200); elsewhere the loader stops with an error "
+                    "(a torch build with a CPU kernel runs it, slowly)."}),
                 "attention": (list(BACKENDS), {"default": "sdpa"}),
             },
             "optional": {
@@ -69,6 +78,13 @@ class CVGLoadWanModel:
         load_device = comfy_bridge.torch_device()
         dtype = comfy_bridge.compute_dtype(compute_dtype, load_device)
         wd = None if weight_dtype == "default" else weight_dtype
+        if weight_dtype == loading.SCALED_MM:
+            problem = scaled_mm_unsupported(load_device)
+            if problem:
+                raise ValueError(
+                    f"CVG Load Wan Model: weight_dtype {weight_dtype!r} multiplies in fp8, which needs fp8 tensor "
+                    f"cores (NVIDIA compute capability 8.9+), but {problem}. Pick weight_dtype 'fp8_e4m3fn' (fp8 "
+                    "storage, computed in the compute dtype) or 'default'.")
         try:
             model = loading.load_wan_dit(path, device=comfy_bridge.offload_device(), dtype=dtype, weight_dtype=wd,
                                          attention_backend=attention)

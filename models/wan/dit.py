@@ -86,13 +86,21 @@ class Linear(nn.Linear):
 
     scaled_mm = False  # set by quantize_fp8_: run as an fp8 x fp8 matmul (torch._scaled_mm)
 
-    def forward(self, x):
-        if self.scaled_mm and self.weight.dtype == FP8 and self.scale_weight is not None:
-            return fp8_linear(x, self.weight, self.scale_weight, self.bias)
-        w = _cast(self.weight, x.dtype)
+    @property
+    def runs_scaled_mm(self):
+        return self.scaled_mm and self.weight.dtype == FP8 and self.scale_weight is not None
+
+    def dense_weight(self, dtype):
+        """The real weight (stored · scale_weight) in `dtype`."""
+        w = _cast(self.weight, dtype)
         if self.scale_weight is not None:
-            w = w * self.scale_weight.to(x.dtype)
-        return F.linear(x, w, _cast(self.bias, x.dtype))
+            w = w * self.scale_weight.to(dtype)
+        return w
+
+    def forward(self, x):
+        if self.runs_scaled_mm:
+            return fp8_linear(x, self.weight, self.scale_weight, self.bias)
+        return F.linear(x, self.dense_weight(x.dtype), _cast(self.bias, x.dtype))
 
 
 FP8 = torch.float8_e4m3fn
@@ -128,6 +136,18 @@ def fp8_linear(x, weight_fp8, scale_w, bias=None):
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
+def e4m3_weight(w, scale=None):
+    """(e4m3 weight, float32 scale) whose product is the real weight w·scale: an e4m3 tensor is kept as stored
+    (with its scale, 1 without one: re-rounding it would only lose precision), anything else is quantized per
+    tensor from its real value."""
+    if w.dtype == FP8:
+        return w, (torch.ones((), device=w.device) if scale is None else scale.float().reshape(()))
+    w = w.float()
+    if scale is not None:
+        w = w * scale.float().reshape(())
+    return fp8_quantize(w)
+
+
 def quantize_fp8_(model, scaled_mm=True):
     """Store every Linear of the transformer blocks as per-tensor e4m3 weights with a float32 scale, in place;
     scaled_mm=True runs them through torch._scaled_mm (fp8 tensor cores; activations quantized per tensor),
@@ -137,14 +157,29 @@ def quantize_fp8_(model, scaled_mm=True):
         for block in model.blocks:
             for m in block.modules():
                 if isinstance(m, Linear):
-                    w = _cast(m.weight, torch.float32)
-                    if m.scale_weight is not None:
-                        w = w * m.scale_weight.float()
-                    q, s = fp8_quantize(w)
+                    q, s = e4m3_weight(m.weight, m.scale_weight)
                     m.weight = nn.Parameter(q, requires_grad=False)
                     m.scale_weight = s.to(q.device)
                     m.scaled_mm = bool(scaled_mm)
     return model
+
+
+def scaled_mm_unsupported(device):
+    """None when torch._scaled_mm multiplies e4m3 matrices on `device`; otherwise why not, in one sentence.
+    (NVIDIA GPUs need compute capability 8.9+; some torch builds also have a CPU kernel, which is slow.)"""
+    device = torch.device(device)
+    try:
+        a = torch.ones(16, 16, device=device).to(FP8)
+        one = torch.ones((), device=device)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
+        where = str(device)
+        if device.type == "cuda":
+            where = "{} (compute capability {}.{})".format(torch.cuda.get_device_name(device),
+                                                          *torch.cuda.get_device_capability(device))
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"torch {torch.__version__} has no fp8 (e4m3) scaled-matmul kernel for {where}: {reason}"
+    return None
 
 
 class PatchEmbed(nn.Conv3d):
@@ -351,12 +386,30 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
+    # q, k, v as one [3d, d] matmul: None = on CUDA, True / False = always / never (WanDiT.fused_qkv sets it)
+    fuse_qkv = None
+
+    def qkv(self, x):
+        """q(x), k(x), v(x). Fused: the weights are concatenated on every call, from whatever q/k/v hold at that
+        moment, so ComfyUI weight patches (LoRA; replaced or updated in place) and block-swap copies are always
+        what runs, and no second copy of the weights is kept (the concatenation is 3·d² elements, a copy far
+        cheaper than the [tokens, d] x [d, 3d] matmul it feeds). fp8 layers on torch._scaled_mm keep three
+        matmuls: their per-tensor scales differ."""
+        fuse = self.fuse_qkv if self.fuse_qkv is not None else x.is_cuda
+        layers = (self.q, self.k, self.v)
+        if not fuse or any(m.runs_scaled_mm for m in layers):
+            return tuple(m(x) for m in layers)
+        w = torch.cat([m.dense_weight(x.dtype) for m in layers])
+        b = torch.cat([_cast(m.bias, x.dtype) for m in layers])
+        return F.linear(x, w, b).chunk(3, dim=-1)
+
     def forward(self, x, rope, backend, ops=EAGER, sp=None):
         b, n, _ = x.shape
         dtype = x.dtype
-        q = ops.norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, rope, self.heads, dtype)
-        k = ops.norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, rope, self.heads, dtype)
-        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = ops.norm_rope(q, self.norm_q.weight, self.norm_q.eps, rope, self.heads, dtype)
+        k = ops.norm_rope(k, self.norm_k.weight, self.norm_k.eps, rope, self.heads, dtype)
+        v = v.view(b, n, self.heads, self.head_dim)
         if sp is not None:  # sequence parallel: x holds this rank's token shard (models/wan/parallel.py)
             return self.o(sp.attention(q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, backend)))
         return self.o(attention(q, k, v, backend))
@@ -509,6 +562,16 @@ class WanDiT(nn.Module):
 
     def get_dtype(self):
         return self.dtype
+
+    @property
+    def fused_qkv(self):
+        """Self-attention q, k, v as one matmul (SelfAttention.qkv): None = on CUDA (default), True / False."""
+        return self.blocks[0].self_attn.fuse_qkv if len(self.blocks) else None
+
+    @fused_qkv.setter
+    def fused_qkv(self, value):
+        for block in self.blocks:
+            block.self_attn.fuse_qkv = value
 
     @property
     def device(self):

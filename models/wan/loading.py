@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from .. import checkpoints
 from ..checkpoints import CheckpointError
-from .dit import WanConfig, build_model
+from .dit import Linear, WanConfig, build_model, e4m3_weight
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
 
@@ -285,6 +285,9 @@ WEIGHT_DTYPES = {
     "fp8_e5m2": getattr(torch, "float8_e5m2", None),
 }
 _FP8 = tuple(d for d in (WEIGHT_DTYPES["fp8_e4m3fn"], WEIGHT_DTYPES["fp8_e5m2"]) if d is not None)
+# weight_dtype for fp8 matmuls: the block Linears as e4m3 with a per-tensor scale (quantized as they are read;
+# e4m3 files kept as stored, with their scale_weight), run through torch._scaled_mm (dit.fp8_linear).
+SCALED_MM = "fp8_e4m3fn_scaled_mm"
 
 
 def _low_precision_ok(name, ndim):
@@ -351,13 +354,18 @@ def load_wan_dit(path, device="cpu", dtype=torch.bfloat16, weight_dtype=None, at
 
     dtype: compute dtype (float32 / bfloat16 / float16). weight_dtype: storage dtype of the big weights —
     None keeps the file's dtype where it is fp8 and uses `dtype` otherwise; a torch dtype or one of
-    WEIGHT_DTYPES' names forces it (fp8 storage is upcast layer by layer at compute time).
+    WEIGHT_DTYPES' names forces it (fp8 storage is upcast layer by layer at compute time); SCALED_MM stores
+    e4m3 with per-tensor scales and multiplies in fp8 (the caller checks the device: dit.scaled_mm_unsupported).
     expect: optional model_type ('t2v', 'i2v', 'flf2v') the caller needs.
     Returns a WanDiT in eval mode with `.load_info` (layout, storage) set.
     """
+    scaled_mm = weight_dtype == SCALED_MM
+    if scaled_mm:
+        weight_dtype = None
     if isinstance(weight_dtype, str):
         if weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight dtype {weight_dtype!r} unknown; choose one of {', '.join(WEIGHT_DTYPES)}")
+            raise ValueError(f"weight dtype {weight_dtype!r} unknown; choose one of "
+                             f"{', '.join([*WEIGHT_DTYPES, SCALED_MM])}")
         if weight_dtype.startswith("fp8") and WEIGHT_DTYPES[weight_dtype] is None:
             raise ValueError(f"this torch build has no {weight_dtype}")
         weight_dtype = WEIGHT_DTYPES[weight_dtype]
@@ -379,12 +387,18 @@ def load_wan_dit(path, device="cpu", dtype=torch.bfloat16, weight_dtype=None, at
     state = {}
     scales = {}
     file_names = {names[n]: n for n in names}
-    for fname, tensor in src.items(list(file_names)):
+    # the scales first: in scaled-mm mode a weight is quantized as soon as it is read, from its real value
+    scale_files = {f for f, n in file_names.items() if n.endswith(".scale_weight")}
+    for fname, tensor in src.items(sorted(scale_files)):
+        scales[file_names[fname][: -len(".scale_weight")]] = tensor.to(device, torch.float32).reshape(())
+    for fname, tensor in src.items([f for f in file_names if f not in scale_files]):
         name = file_names[fname]
         if name == "scaled_fp8" or name.endswith(".scale_input"):
             continue
-        if name.endswith(".scale_weight"):
-            scales[name[: -len(".scale_weight")]] = tensor.to(device, torch.float32).reshape(())
+        if scaled_mm and _low_precision_ok(name, tensor.ndim):
+            base = name[: -len(".weight")]
+            state[name], scales[base] = e4m3_weight(tensor.to(device), scales.get(base))
+            del tensor
             continue
         target = dtype
         if _low_precision_ok(name, tensor.ndim):
@@ -408,10 +422,16 @@ def load_wan_dit(path, device="cpu", dtype=torch.bfloat16, weight_dtype=None, at
         module = model.get_submodule(base)
         if module.weight.dtype in _FP8:
             module.register_buffer("scale_weight", scale, persistent=False)
+    if scaled_mm:
+        for block in model.blocks:
+            for module in block.modules():
+                if isinstance(module, Linear):
+                    module.scaled_mm = True
     model.compute_dtype = dtype
     model.eval().requires_grad_(False)
     storage = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-    model.load_info = {"layout": layout, "storage": storage, "scaled_fp8": scaled, "config": cfg.to_dict()}
+    model.load_info = {"layout": layout, "storage": storage, "scaled_fp8": scaled, "scaled_mm": scaled_mm,
+                       "config": cfg.to_dict()}
     return model
 
 

@@ -58,6 +58,20 @@ def test_output_identical_and_blocks_back_on_offload(n):
         assert torch.equal(m(x, t, ctx), ref)
 
 
+def test_fused_qkv_runs_the_swapped_copies():
+    """Fused QKV concatenates whatever q / k / v hold when the block runs: the block-swap copies, bit-identical
+    to the resident model with fused QKV."""
+    m = tiny_model(seed=3)
+    m.fused_qkv = True
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        ref = m(x, t, ctx)
+        swap = BlockSwap(m, 2, offload_device="cpu")
+        out = m(x, t, ctx)
+    assert swap.loads == 2 and torch.equal(out, ref)
+    swap.remove()
+
+
 def test_swapped_blocks_ignore_device_moves_and_sizes():
     m = tiny_model()
     total = sum(p.numel() * p.element_size() for p in m.parameters())

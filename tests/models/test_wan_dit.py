@@ -258,6 +258,87 @@ def test_fusable_ops_match_eager_ops():
     assert m.fused is None and WanDiT(cfg)._ops(x) is dit.EAGER  # CPU tensors never take the compiled path
 
 
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_fused_qkv_equals_three_projections(model_type):
+    """SelfAttention.qkv fused (one matmul on the concatenated [3d, d] weight) equals q, k, v run one by one
+    (the path the diffusers parity test holds), every bias random; the fused path really ran (q's own
+    forward was skipped) and the state-dict keys stay the released q / k / v names."""
+    cfg = tiny_config(model_type)
+    m = randomize(WanDiT(cfg), 17).eval()
+    keys = list(m.state_dict())
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([999.0, 317.0])
+    assert m.fused_qkv is None and m.blocks[0].self_attn.v.bias.abs().min() > 0
+    calls = []
+    hook = m.blocks[0].self_attn.q.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        m.fused_qkv = False
+        a = m(x, t, ctx, clip_fea=clip, y=y)
+        assert len(calls) == 1
+        m.fused_qkv = True
+        b = m(x, t, ctx, clip_fea=clip, y=y)
+        assert len(calls) == 1 and all(blk.self_attn.fuse_qkv for blk in m.blocks)
+        hook.remove()
+        assert a.abs().max() > 1.0 and (a - b).abs().max().item() <= 1e-5
+        assert list(m.state_dict()) == keys and "blocks.1.self_attn.k.bias" in keys
+        again = WanDiT(cfg).eval()
+        again.load_state_dict(m.state_dict(), strict=True)
+        again.fused_qkv = True
+        assert torch.equal(again(x, t, ctx, clip_fea=clip, y=y), b)
+
+
+def test_fused_qkv_sees_patched_weights():
+    """ComfyUI's ModelPatcher copies a patched (LoRA) weight into the parameter in place or replaces the
+    parameter; the fused weight is concatenated on every call, so it runs what the unfused model runs."""
+    import copy
+
+    cfg = tiny_config()
+    m = randomize(WanDiT(cfg), 18).eval()
+    m.fused_qkv = True
+    ref = copy.deepcopy(m)
+    ref.fused_qkv = False
+    x, ctx, _, _ = inputs(cfg)
+    t = torch.tensor([600.0, 20.0])
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(cfg.dim, cfg.dim, generator=g) * 0.2
+    with torch.no_grad():
+        before = m(x, t, ctx)
+        for model in (m, ref):
+            k = model.blocks[0].self_attn.k
+            k.weight.data.copy_(k.weight + delta)  # comfy.utils.copy_to_param
+            model.blocks[1].self_attn.v.weight = torch.nn.Parameter(model.blocks[1].self_attn.v.weight - delta)
+        a, b = m(x, t, ctx), ref(x, t, ctx)
+    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - before).abs().max().item() > 1e-2  # the patches changed the output
+
+
+def test_fused_qkv_with_fp8_weights():
+    """e4m3 weights with scales, upcast per layer (scaled fp8 files): fused equals unfused. On torch._scaled_mm
+    the three projections stay separate (their scales differ), whatever fused_qkv says."""
+    import copy
+
+    from models.wan.dit import quantize_fp8_
+
+    cfg = tiny_config()
+    m = quantize_fp8_(randomize(WanDiT(cfg), 19).eval(), scaled_mm=False)
+    x, ctx, _, _ = inputs(cfg)
+    t = torch.tensor([400.0, 900.0])
+    with torch.no_grad():
+        m.fused_qkv = False
+        a = m(x, t, ctx)
+        m.fused_qkv = True
+        b = m(x, t, ctx)
+        assert (a - b).abs().max().item() <= 1e-5
+        if _scaled_mm_available():
+            fast = quantize_fp8_(copy.deepcopy(m))
+            fast.fused_qkv = True
+            calls = []
+            fast.blocks[0].self_attn.q.register_forward_hook(lambda *a: calls.append(1))
+            c = fast(x, t, ctx)
+            fast.fused_qkv = False
+            assert len(calls) == 1 and torch.equal(fast(x, t, ctx), c)
+
+
 def test_pipeline_velocity_is_reference_cfg_at_integer_timesteps():
     """make_velocity_fn: two passes with the same y / clip_fea, only the text differs, model timestep
     int(σ·1000); batch_cfg gives the same result in one batched call; cfg 1 skips the negative pass."""

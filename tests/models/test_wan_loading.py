@@ -214,6 +214,92 @@ def test_scaled_fp8(tmp_path, keep_fp8):
     assert (b - run(src, cfg)).abs().max() > 0  # the quantisation really happened
 
 
+def _scaled_mm_kernel():
+    from models.wan.dit import scaled_mm_unsupported
+    return FP8 is not None and scaled_mm_unsupported("cpu") is None
+
+
+def _block_linears(m):
+    return {n: mod for n, mod in m.named_modules() if n.startswith("blocks.") and hasattr(mod, "runs_scaled_mm")}
+
+
+@pytest.mark.skipif(FP8 is None, reason="torch without float8")
+def test_scaled_mm_mode_quantizes_each_block_linear(tmp_path):
+    """weight_dtype fp8_e4m3fn_scaled_mm: every block Linear is e4m3 with scale amax/448 (the oracle is computed
+    here from the file tensor), marked for torch._scaled_mm; everything else stays in the compute dtype."""
+    cfg = tiny()
+    src = random_model(cfg, 11)
+    sd = state_of(src)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    m = loading.load_wan_dit(tmp_path / "w.safetensors", dtype=torch.float32, weight_dtype=loading.SCALED_MM)
+    assert m.load_info["scaled_mm"] and set(m.state_dict()) == set(sd)
+    linears = _block_linears(m)
+    assert len(linears) == cfg.layers * 10  # self q k v o, cross q k v o, ffn 0 and 2
+    for name, mod in linears.items():
+        w = sd[name + ".weight"]
+        scale = w.abs().max() / 448.0
+        assert mod.runs_scaled_mm and mod.scale_weight.item() == pytest.approx(scale.item(), rel=1e-6)
+        assert torch.equal(mod.weight.float(), (w / mod.scale_weight).to(FP8).float()), name
+        assert mod.bias.dtype == torch.float32
+    assert m.head.head.weight.dtype == torch.float32 and not m.head.head.runs_scaled_mm
+    assert m.text_embedding[0].weight.dtype == torch.float32
+    if _scaled_mm_kernel():
+        out, ref = run(m, cfg), run(src, cfg)
+        assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.skipif(FP8 is None, reason="torch without float8")
+@pytest.mark.parametrize("stored", ["scaled_e4m3", "e4m3", "e5m2"])
+def test_scaled_mm_mode_on_fp8_files(tmp_path, stored):
+    """fp8 files in scaled-mm mode: e4m3 weights are kept byte for byte with the file's scale_weight (1 without
+    one); e5m2 weights are re-quantized to e4m3 from their real value. The forward stays within the activation
+    quantization of the same model computed from the dequantized weights."""
+    cfg = tiny()
+    sd = state_of(random_model(cfg, 12))
+    file, real = {}, {}
+    for k, v in sd.items():
+        if v.ndim == 2 and k.startswith("blocks.") and k.endswith(".weight"):
+            scale = v.abs().max() / 448.0 if stored == "scaled_e4m3" else torch.tensor(1.0)
+            q = (v / scale).to(FP8 if stored != "e5m2" else torch.float8_e5m2)
+            file[k] = q
+            real[k] = q.float() * scale
+            if stored == "scaled_e4m3":
+                file[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+        else:
+            file[k] = real[k] = v
+    if stored == "scaled_e4m3":
+        file["scaled_fp8"] = torch.zeros(2, dtype=FP8)
+    save_file(file, str(tmp_path / "f.safetensors"))
+    m = loading.load_wan_dit(tmp_path / "f.safetensors", dtype=torch.float32, weight_dtype=loading.SCALED_MM)
+    for name, mod in _block_linears(m).items():
+        assert mod.runs_scaled_mm, name
+        dequant = mod.weight.float() * mod.scale_weight
+        if stored == "e5m2":
+            w = real[name + ".weight"]
+            assert mod.scale_weight.item() == pytest.approx(w.abs().max().item() / 448.0, rel=1e-6)
+            assert ((dequant - w).abs() <= w.abs() / 16 + mod.scale_weight * 2 ** -9).all(), name
+        else:
+            assert torch.equal(mod.weight.view(torch.uint8), file[name + ".weight"].view(torch.uint8)), name
+            assert torch.equal(dequant, real[name + ".weight"]), name
+    if _scaled_mm_kernel():
+        ref = WanDiT(cfg).eval()
+        ref.load_state_dict(real)
+        out, want = run(m, cfg), run(ref, cfg)
+        assert 0 < ((out - want).norm() / want.norm()).item() < 0.1
+
+
+def test_scaled_mm_unsupported_names_the_device_and_reason(monkeypatch):
+    from models.wan.dit import scaled_mm_unsupported
+
+    def no_kernel(*args, **kwargs):  # what torch raises on a GPU before compute capability 8.9
+        raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 or 8.9")
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    msg = scaled_mm_unsupported("cpu")
+    assert "no fp8 (e4m3) scaled-matmul kernel for cpu" in msg and "compute capability >= 9.0 or 8.9" in msg
+    with pytest.raises(ValueError, match="fp8_e4m3fn_scaled_mm"):
+        loading.load_wan_dit("unused.safetensors", weight_dtype="fp8_e4m3fn_scaledmm")
+
+
 @pytest.mark.parametrize("model_type", ["t2v", "flf2v"])
 def test_diffusers_sharded_folder(tmp_path, model_type):
     cfg = tiny(model_type)

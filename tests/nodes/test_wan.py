@@ -192,3 +192,29 @@ def test_blocks_to_swap_through_the_loader(comfy, files):
     assert (a - b).abs().max().item() < 1e-6
     err = comfy.run_expect_error(graph(seed=12, steps=2, loader_extra={"blocks_to_swap": 5}))
     assert "blocks_to_swap is 5" in err and "2 transformer blocks" in err
+
+
+def test_fp8_scaled_mm_weight_dtype_through_the_loader(comfy, files):
+    """weight_dtype fp8_e4m3fn_scaled_mm is appended (existing choices, order and default kept). Where torch has
+    an fp8 scaled-matmul kernel for the server's device the graph samples what the same loader option samples
+    in process (and not the plain model's latent); where it has none the loader stops with the error."""
+    from models.wan.dit import scaled_mm_unsupported
+
+    pos, neg = files
+    choices, options = comfy.object_info()["CVGLoadWanModel"]["input"]["required"]["weight_dtype"]
+    assert choices == ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32", "fp8_e4m3fn_scaled_mm"]
+    assert options["default"] == "default" and "8.9" in options["tooltip"]
+    g = graph(seed=13, steps=2, loader_extra={"weight_dtype": "fp8_e4m3fn_scaled_mm"})
+    if scaled_mm_unsupported("cpu") is not None:  # the test server runs on the CPU
+        err = comfy.run_expect_error(g)
+        assert "fp8 tensor cores" in err and "Pick weight_dtype 'fp8_e4m3fn'" in err
+        return
+    z = _saved_latent(comfy, comfy.run(g))
+    model = loading.load_wan_dit(comfy.models_dir / "diffusion_models" / MODEL, dtype=torch.float32,
+                                 weight_dtype=loading.SCALED_MM)
+    assert model.blocks[0].self_attn.q.runs_scaled_mm
+    ref = pipeline.sample_video(model, pos, neg, torch.zeros(1, 16, 2, 6, 4), seed=13, steps=2, cfg=4.0, shift=5.0,
+                                solver="unipc")
+    assert (z - ref).abs().max().item() < 1e-4
+    plain = _saved_latent(comfy, comfy.run(graph(seed=13, steps=2)))
+    assert (z - plain).abs().max().item() > 1e-4  # the fp8 matmuls changed something
