@@ -5,6 +5,7 @@ ComfyUI tree is given), same random weights, bf16, one forward at the real size,
     python bench/bench_dit.py --i2v14b              # I2V-14B forward at the same size (257 image tokens)
     python bench/bench_dit.py --comfyui /path/ComfyUI   # also ComfyUI's native WanModel
     python bench/bench_dit.py --smoke               # tiny config on the CPU (checks the script runs)
+    python bench/bench_dit.py --steps 0 --no-fused-qkv   # self-attention q, k, v as three matmuls (fused: default)
 
 Fast paths (each one's output is checked against the plain path, and the check printed, before its timing):
 
@@ -171,7 +172,9 @@ def main(argv=None):
     ap.add_argument("--comfyui", default=None, help="path of a ComfyUI tree to also time its native WanModel")
     ap.add_argument("--json", default=None)
     ap.add_argument("--eager", action="store_true", help="no torch.compile of the elementwise groups")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward")
+    ap.add_argument("--no-fused-qkv", action="store_true", help="self-attention q, k, v as three matmuls, not one")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top CUDA kernels of one forward, the kernel count and the GPU's idle share")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -221,12 +224,21 @@ def main(argv=None):
     ours.attention_backend = args.attention
     if args.eager:
         ours.fused = False
+    ours.fused_qkv = not args.no_fused_qkv
     with torch.inference_mode():
         peak_reset(device)
         t0 = time.perf_counter()
-        ours(x, t, ctx, clip_fea=clip, y=y)
+        out = ours(x, t, ctx, clip_fea=clip, y=y)
         sync(device)
         print(f"  cvg first forward (includes torch.compile of the fused ops): {time.perf_counter() - t0:.1f} s")
+        if ours.fused_qkv:
+            ours.fused_qkv = False
+            three = ours(x, t, ctx, clip_fea=clip, y=y)
+            ours.fused_qkv = True
+            print(f"  check fused QKV vs three q/k/v matmuls: max |Δ| {(out - three).abs().max().item():.3e}, "
+                  f"relative L2 {((out - three).norm() / three.norm()).item():.2e}")
+            del three
+        del out
         s = timed(lambda: ours(x, t, ctx, clip_fea=clip, y=y), device, repeat=args.repeat)
         report("cvg", s, peak_gib(device))
         if args.profile and device.type == "cuda":
@@ -236,6 +248,13 @@ def main(argv=None):
                 ours(x, t, ctx, clip_fea=clip, y=y)
                 sync(device)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+            # the GPU's idle time between its first and last kernel bounds what CUDA graphs could save
+            gpu = [e.time_range for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            if gpu:
+                busy = sum(r.elapsed_us() for r in gpu) / 1e6
+                span = (max(r.end for r in gpu) - min(r.start for r in gpu)) / 1e6
+                print(f"  {len(gpu)} GPU kernels and copies in one forward: busy {busy:.4f} s of a {span:.4f} s span "
+                      f"(idle {1 - busy / span:.2%}, with the profiler's own overhead)")
         ref = None
         if not args.no_diffusers:
             try:
