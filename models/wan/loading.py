@@ -357,8 +357,11 @@ def load_wan_dit(path, device="cpu", dtype=torch.bfloat16, weight_dtype=None, at
     WEIGHT_DTYPES' names forces it (fp8 storage is upcast layer by layer at compute time); SCALED_MM stores
     e4m3 with per-tensor scales and multiplies in fp8 (the caller checks the device: dit.scaled_mm_unsupported).
     expect: optional model_type ('t2v', 'i2v', 'flf2v') the caller needs.
-    Returns a WanDiT in eval mode with `.load_info` (layout, storage) set.
+    Returns a WanDiT in eval mode with `.load_info` (layout, storage) and `.source` (this call's arguments,
+    from which worker processes load their own copy: models/wan/multi_device.py) set.
     """
+    source = {"path": os.path.abspath(os.fspath(path)), "dtype": dtype, "weight_dtype": weight_dtype,
+              "attention_backend": attention_backend}
     scaled_mm = weight_dtype == SCALED_MM
     if scaled_mm:
         weight_dtype = None
@@ -432,6 +435,7 @@ def load_wan_dit(path, device="cpu", dtype=torch.bfloat16, weight_dtype=None, at
     storage = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     model.load_info = {"layout": layout, "storage": storage, "scaled_fp8": scaled, "scaled_mm": scaled_mm,
                        "config": cfg.to_dict()}
+    model.source = source
     return model
 
 
