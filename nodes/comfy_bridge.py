@@ -118,6 +118,12 @@ def load_to_device_with_memory(patcher, memory_required=0):
     return patcher.model
 
 
+def free_gpu_memory():
+    """Unload ComfyUI's models from its GPU and release the cache (before worker processes take the GPUs)."""
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
 def check_interrupt():
     mm.throw_exception_if_processing_interrupted()
 

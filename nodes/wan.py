@@ -18,6 +18,7 @@ from ..models.wan.dit import scaled_mm_unsupported
 from ..models.wan.block_swap import BlockSwap, resident_bytes
 from ..models.wan.step_cache import CachedModel, StepCache
 from . import comfy_bridge
+from . import multi_gpu as multi_gpu_node
 
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16", "fp32", loading.SCALED_MM]
 COMPUTE_DTYPES = ["auto", "bf16", "fp16", "fp32"]
@@ -247,11 +248,13 @@ class CVGSampler:
                 "batch_cfg": ("BOOLEAN", {"default": False, "tooltip":
                     "run the conditional and unconditional passes as one batch (faster on a GPU with memory to "
                     "spare; same result up to float rounding)"}),
+                "multi_gpu": ("CVG_MULTI_GPU", {"tooltip":
+                    "from CVG Multi-GPU: run the forwards on several GPUs (sequence / CFG parallel worker processes)"}),
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, solver, denoise, frame_guidance=0.0,
-               step_cache_threshold=0.0, batch_cfg=False):
+               step_cache_threshold=0.0, batch_cfg=False, multi_gpu=None):
         if not hasattr(model, "model") or not hasattr(model.model, "config"):
             raise TypeError("CVG Sampler needs a CVG_WAN model from 'CVG Load Wan Model'")
         dit = model.model
@@ -269,7 +272,10 @@ class CVGSampler:
                 f"frame_guidance {frame_guidance} needs a frame condition, but this LATENT carries none; give the "
                 "LATENT of CVG I2V Conditioner (or native WanImageToVideo conditioning), or set frame_guidance to 0"
             )
-        dit = comfy_bridge.load_to_device(model)
+        if multi_gpu is None:
+            dit = comfy_bridge.load_to_device(model)
+        else:
+            dit = multi_gpu_node.prepare(model, multi_gpu, frame_guidance, step_cache_threshold, batch_cfg)
         device = dit.device
         y = clip_fea = None
         strength = 1.0
@@ -299,6 +305,11 @@ class CVGSampler:
                                                      clip_fea=clip_fea, image_strength=strength,
                                                      frame_guidance=frame_guidance, batched=bool(batch_cfg))
         comfy_bridge.check_interrupt()
+        if multi_gpu is not None:
+            out = multi_gpu_node.sample(dit, multi_gpu, pos, neg, z, seed, callback=callback, steps=steps, cfg=cfg,
+                                        shift=shift, solver=solver, denoise=denoise, y=y, clip_fea=clip_fea,
+                                        image_strength=strength, batch_cfg=bool(batch_cfg))
+            return ({"samples": out.to(comfy_bridge.intermediate_device())},)
         out = pipeline.sample_video(dit, pos.to(device), neg.to(device), z, seed, steps=steps, cfg=cfg, shift=shift,
                                     solver=solver, denoise=denoise, y=y, clip_fea=clip_fea, image_strength=strength,
                                     callback=callback, velocity_fn=velocity_fn, batch_cfg=bool(batch_cfg),

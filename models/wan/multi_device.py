@@ -85,15 +85,19 @@ def check_devices(device_type, devices):
                          "an official CUDA build of PyTorch, or use device 'cpu'")
 
 
+def check_halves(devices, cfg_parallel):
+    if cfg_parallel and devices % 2:
+        raise ValueError(f"cfg_parallel runs the conditional and unconditional passes on two halves of the "
+                         f"devices, so it needs an even device count (got {devices}); use {devices + 1} devices "
+                         "or turn cfg_parallel off")
+
+
 def check_layout(heads, devices, cfg_parallel=False, batch_cfg=False):
     """Raise a clear error when `devices` ranks cannot split a model with `heads` attention heads."""
     if cfg_parallel and batch_cfg:
         raise ValueError("cfg_parallel and batch_cfg both place the conditional and unconditional passes; "
                          "turn one of them off")
-    if cfg_parallel and devices % 2:
-        raise ValueError(f"cfg_parallel runs the conditional and unconditional passes on two halves of the "
-                         f"devices, so it needs an even device count (got {devices}); use {devices + 1} devices "
-                         "or turn cfg_parallel off")
+    check_halves(devices, cfg_parallel)
     sp = devices // 2 if cfg_parallel else devices
     if sp > 1 and heads % sp:
         plain = ", ".join(str(n) for n in range(2, 17) if heads % n == 0)
@@ -102,10 +106,6 @@ def check_layout(heads, devices, cfg_parallel=False, batch_cfg=False):
             f"sequence parallel shares the model's {heads} attention heads out over {sp} devices, but {heads} is "
             f"not divisible by {sp}; device counts that work: {plain or 'none'} (cfg_parallel off), {halves} "
             "(cfg_parallel on)")
-
-
-def sequence_ranks(devices, cfg_parallel):
-    return devices // 2 if cfg_parallel else devices
 
 
 # ------------------------------------------------------------------------------------------------ driver
