@@ -156,6 +156,7 @@ class DevicePool:
         self.processes, self._conns = [], []  # the processes stay listed after close (their exit codes)
         self.closed = False
         self._model = None  # weakref to the model the workers hold
+        self._job = 0  # the workers hold one job (conditioning); a velocity fn of an earlier one is refused
         self.config = None
         self.worker_seconds = None  # the slowest rank's time of the last call, measured in the workers
         self._start()
@@ -281,11 +282,15 @@ class DevicePool:
         self._load(model_spec(model), model.config)
         self._model = weakref.ref(model)
 
-    def load_random(self, config, seed=0, dtype=torch.bfloat16, attention_backend="sdpa"):
+    def load_random(self, config, seed=0, dtype=torch.bfloat16, attention_backend="sdpa", fused=None):
         """Every worker builds the same random-weights model on its device (benchmarks at the real size)."""
         self._load({"kind": "random", "config": config.to_dict(), "seed": int(seed), "dtype": dtype,
-                    "attention_backend": attention_backend}, config)
+                    "attention_backend": attention_backend, "fused": fused}, config)
         self._model = None
+
+    def peak_memory_gib(self):
+        """Every rank's peak allocated device memory since its start (NaN on CPU ranks)."""
+        return self._call("memory", None, "reading the memory statistics")
 
     def _load(self, spec, config):
         prints = self._call("load", spec, "loading the model")
@@ -316,8 +321,13 @@ class DevicePool:
                    clip_fea=cpu(clip_fea), image_strength=float(image_strength), t_offset=int(t_offset),
                    batch_cfg=bool(batch_cfg), cfg_parallel=bool(cfg_parallel))
         self._call("job", job, "preparing the conditioning")
+        self._job += 1
+        job_id = self._job
 
         def fn(x, sigma):
+            if job_id != self._job:
+                raise RuntimeError("this velocity function belongs to an earlier velocity_fn() call of the pool, "
+                                   "whose workers now hold the newer conditioning; call velocity_fn() again")
             v = self._call("velocity", {"x": x.detach().cpu(), "sigma": float(sigma)}, "running a forward",
                            should_stop)[0]
             return v.to(x.device)
@@ -503,6 +513,9 @@ class _Worker:
 
         self.fn = fn
         return None
+
+    def op_memory(self, _):
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else float("nan")
 
     def op_velocity(self, payload):
         v = self.fn(payload["x"].to(self.device), payload["sigma"])

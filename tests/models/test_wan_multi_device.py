@@ -124,6 +124,16 @@ def test_layout_checked_before_anything_is_sent(pool):
     assert pool.alive
 
 
+def test_a_velocity_fn_of_an_earlier_job_is_refused(pool):
+    pool.load(tiny_model())
+    ctx, neg = texts()
+    old = pool.velocity_fn(ctx, neg, 4.0)
+    pool.velocity_fn(neg, ctx, 2.0)
+    with pytest.raises(RuntimeError, match="earlier velocity_fn"):
+        old(torch.randn(1, 16, 3, 6, 10), 0.5)
+    assert pool.alive
+
+
 def test_clear_errors_for_impossible_layouts(monkeypatch):
     with pytest.raises(ValueError, match=r"device counts that work: 2, 3, 4, 6, 12 \(cfg_parallel off\), 2, 4, 6, 8"):
         multi_device.check_layout(12, 8)
