@@ -90,56 +90,62 @@ def _object_weight(x):
 # ------------------------------------------------------------------------------------------- VAE
 
 def train_vae(args, device, log):
+    """Two phases: single frames (one encoder chunk and one decoder frame per step, so several times more
+    steps per second: shapes and colours), then clips of the DiT's length (motion, and the causal cache
+    over every latent frame the DiT produces; a VAE trained on 9 frames fell apart after its 3rd latent
+    frame on 17-frame clips)."""
     torch.manual_seed(args.seed)
     vae = WanVAE(VAE_CONFIG).to(device).train()
     vae.set_max_piece_elems(1 << 31)  # no time splitting of large training batches (fewer kernel launches)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    mean = torch.tensor(wan_latent.LATENT_MEAN, device=device)
-    std = torch.tensor(wan_latent.LATENT_STD, device=device)
-    n_clips = args.vae_clips
-    caps, clips = make_clips(n_clips, 9, args.seed + 1, device)
-    clips = clips.to(device)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    steps = args.vae_steps
+    report = {}
+    phases = (("image", 1, args.vae_image_batch, args.vae_image_steps, args.vae_seconds * args.vae_image_share),
+              ("video", FRAMES, args.vae_batch, args.vae_steps, args.vae_seconds * (1 - args.vae_image_share)))
+    for i, (name, frames, batch, steps, seconds) in enumerate(phases):
+        _, clips = make_clips(args.vae_clips, frames, args.seed + 1 + 10 * i, device)
+        report[name] = _vae_phase(vae, opt, clips.to(device), batch, steps, seconds, args, gen, log, name)
+    vae.eval().requires_grad_(False)
+    return vae, {**report, "clips": args.vae_clips}
+
+
+def _vae_phase(vae, opt, clips, batch, steps, seconds, args, gen, log, name):
+    device = clips.device
+    mean = torch.tensor(wan_latent.LATENT_MEAN, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(wan_latent.LATENT_STD, device=device).view(1, -1, 1, 1, 1)
     t0 = time.time()
-    step = 0
-    last = {}
-    run = {"rec": 0.0, "stat": 0.0}
+    step, last = 0, {}
+    run = torch.zeros(2, device=device)  # summed on the device: a host sync per step idles the GPU
     while step < steps:
-        idx = torch.randint(n_clips, (args.vae_batch,), generator=gen)
-        x = clips[idx.to(device)].float()
+        x = clips[torch.randint(clips.shape[0], (batch,), generator=gen).to(device)].float()
         if step % 2:
             x = x.flip(-1)
         z = vae.encode(x)
-        zn = (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-        zc = zn.transpose(0, 1).reshape(16, -1)
+        zc = ((z - mean) / std).transpose(0, 1).reshape(z.shape[1], -1)
         stat = (zc.mean(1) ** 2).mean() + ((zc.std(1) - 1) ** 2).mean()
-        noise = args.vae_latent_noise * torch.randn_like(z) * std.view(1, -1, 1, 1, 1)
-        y = decode_unclamped(vae, z + noise)
+        y = decode_unclamped(vae, z + args.vae_latent_noise * torch.randn_like(z) * std)
         w = _object_weight(x)
         rec = (w * (y - x).abs()).mean() + (w * (y - x) ** 2).mean()
-        loss = rec + args.vae_stat_weight * stat
-        lr = _lr(step, steps, args.vae_lr)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = _lr(step, steps, args.vae_lr)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (rec + args.vae_stat_weight * stat).backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        run["rec"] += float(rec.detach())
-        run["stat"] += float(stat.detach())
+        run += torch.stack([rec.detach(), stat.detach()])
         if step == WARMUP_STEPS:
             t_warm = time.time()
-        if step == WARMUP_STEPS + TIMED_STEPS and args.vae_seconds:
-            steps = _steps_within(args.vae_seconds, steps, step, t0, t_warm, log, "vae")
+        if step == WARMUP_STEPS + TIMED_STEPS and seconds:
+            steps = _steps_within(seconds, steps, step, t0, t_warm, log, f"vae {name}")
         if step % 100 == 0 or step == steps:
             k = step % 100 or 100
-            last = {"step": step, "rec_mean": run["rec"] / k, "stat_mean": run["stat"] / k}
-            run = {"rec": 0.0, "stat": 0.0}
-            log(f"vae {last} {time.time() - t0:.0f}s")
-    vae.eval().requires_grad_(False)
-    return vae, {"steps": step, "seconds": time.time() - t0, **last, "clips": n_clips, "batch": args.vae_batch}
+            rec_mean, stat_mean = (run / k).tolist()
+            last = {"step": step, "rec_mean": rec_mean, "stat_mean": stat_mean}
+            run.zero_()
+            log(f"vae {name} {last} {time.time() - t0:.0f}s")
+    return {"steps": step, "seconds": time.time() - t0, **last, "batch": batch,
+            "frames": clips.shape[2]}
 
 
 def decode_unclamped(vae, z):
@@ -245,14 +251,13 @@ def train_dits(vae, data, args, device, log):
     step = 0
     last = {}
     B = args.dit_batch
-    run = [0.0, 0.0]
+    run = torch.zeros(2, device=device)  # summed on the device (no host sync per step)
     while step < steps:
         idx = dev(torch.randint(n, (B,), generator=gen))
         x0 = x0_all[idx]
-        ids, lengths = ids_all[idx].clone(), len_all[idx].clone()
-        drop = dev(torch.rand(B, generator=gen) < 0.1)
-        ids[drop] = empty_ids
-        lengths[drop] = empty_len
+        drop = dev(torch.rand(B, generator=gen) < 0.1)  # torch.where: boolean indexing syncs the host
+        ids = torch.where(drop[:, None], empty_ids, ids_all[idx])
+        lengths = torch.where(drop, empty_len, len_all[idx])
         ctx = enc(ids, lengths)
         # sigma: half logit-normal, half uniform
         u = torch.rand(B, generator=gen)
@@ -285,16 +290,16 @@ def train_dits(vae, data, args, device, log):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        run[0] += float(loss_t2v.detach())
-        run[1] += float(loss_i2v.detach())
+        run += torch.stack([loss_t2v.detach(), loss_i2v.detach()])
         if step == WARMUP_STEPS:
             t_warm = time.time()
         if step == WARMUP_STEPS + TIMED_STEPS and args.dit_seconds:
             steps = _steps_within(args.dit_seconds, steps, step, t0, t_warm, log, "dit")
         if step % 200 == 0 or step == steps:
             k = step % 200 or 200
-            last = {"step": step, "loss_t2v_mean": run[0] / k, "loss_i2v_mean": run[1] / k}
-            run = [0.0, 0.0]
+            t2v_mean, i2v_mean = (run / k).tolist()
+            last = {"step": step, "loss_t2v_mean": t2v_mean, "loss_i2v_mean": i2v_mean}
+            run.zero_()
             log(f"dit {last} {time.time() - t0:.0f}s")
     for m in (enc, t2v, i2v):
         m.eval().requires_grad_(False)
@@ -380,7 +385,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=6000)
     p.add_argument("--vae-seconds", type=float, default=0, help="wall-clock cap for the VAE stage (0 = none)")
-    p.add_argument("--vae-batch", type=int, default=128)
+    p.add_argument("--vae-batch", type=int, default=64, help="clips per step of the video phase")
+    p.add_argument("--vae-image-batch", type=int, default=256, help="frames per step of the image phase")
+    p.add_argument("--vae-image-steps", type=int, default=4000)
+    p.add_argument("--vae-image-share", type=float, default=0.4,
+                   help="share of --vae-seconds spent on the image phase")
     p.add_argument("--vae-clips", type=int, default=4096)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-stat-weight", type=float, default=0.1)
@@ -396,6 +405,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.vae_steps, args.vae_clips, args.vae_batch = 3, 8, 2
+        args.vae_image_steps, args.vae_image_batch = 3, 4
         args.dit_steps, args.dit_clips, args.dit_batch, args.eval = 3, 16, 4, 1
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
