@@ -152,7 +152,8 @@ def test_sharded_diffusers_folder_through_the_loader_node(comfy, files):
 
 def test_speed_options_appended_at_the_end(comfy):
     info = comfy.object_info()
-    assert list(info["CVGSampler"]["input"]["optional"]) == ["frame_guidance", "step_cache_threshold", "batch_cfg"]
+    assert list(info["CVGSampler"]["input"]["optional"]) == ["frame_guidance", "step_cache_threshold", "batch_cfg",
+                                                             "multi_gpu"]
     assert info["CVGSampler"]["input"]["optional"]["step_cache_threshold"][1]["default"] == 0.0
     assert info["CVGSampler"]["input"]["optional"]["batch_cfg"][1]["default"] is False
     assert list(info["CVGLoadWanModel"]["input"]["optional"]) == ["compute_dtype", "blocks_to_swap"]
