@@ -17,6 +17,11 @@ Fast paths (each one's output is checked against the plain path, and the check p
     python bench/bench_dit.py --t2v14b --steps 0 --no-diffusers --blocks-to-swap 0,10,20,40
         # T2V-14B forward with N blocks kept on the CPU (side-stream prefetch): peak GPU memory and time
 
+Peers (diffusers, and ComfyUI's WanModel with --comfyui) are built from our weights and run one at a time
+with ours moved to the CPU, so each peak is that implementation's own; each peer's output is compared with ours
+(relative L2, loud MISMATCH line beyond the tolerance) before it is timed, as is our fast path with its plain
+eager path. `--steps 0` skips the full sample (the forward rows only, e.g. for the peer comparison).
+
 Reports, per implementation: median seconds of a forward, TFLOP/s (analytic FLOPs of the forward), the ratio
 to the bf16 matmul rate measured in the same run, peak memory; and the time of a full `--steps`-step CFG
 sample (two forwards per step) with this pack's pipeline. `--json out.json` writes the figures.
@@ -38,11 +43,17 @@ from models.wan.block_swap import BlockSwap  # noqa: E402
 from models.wan.dit import WanConfig, build_model, quantize_fp8_  # noqa: E402
 from models.wan.step_cache import StepCache  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_peer  # noqa: E402
+
 T2V_1_3B = WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, heads=12, layers=30, in_dim=16)
 T2V_14B = WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, heads=40, layers=40, in_dim=16)
 I2V_14B = WanConfig(model_type="i2v", dim=5120, ffn_dim=13824, heads=40, layers=40, in_dim=36)
 SMOKE = WanConfig(model_type="t2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=16, text_dim=64)
-SMOKE_I2V = WanConfig(model_type="i2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=36, text_dim=64, image_dim=32)
+SMOKE_I2V = WanConfig(model_type="i2v", dim=128, ffn_dim=96, heads=1, layers=2, in_dim=36, text_dim=64)
+# relative L2 of a peer's forward against ours: fp32 on the CPU is exact up to summation order; bf16 differs
+# by the rounding of two kernel orders (1.4e-2 against diffusers in the 2026-12-01 run)
+PARITY_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def forward_flops(cfg, tokens, text=512, image=0):
@@ -134,23 +145,6 @@ def diffusers_model(ours, cfg, device, dtype):
     return ref.eval().requires_grad_(False)
 
 
-def comfy_model(ours, cfg, device, dtype, comfy_path):
-    sys.path.insert(0, comfy_path)
-    import comfy.ldm.wan.model as wm  # noqa: E402
-    import comfy.ops  # noqa: E402
-
-    kw = dict(model_type=cfg.model_type, patch_size=cfg.patch_size, text_len=512, in_dim=cfg.in_dim, dim=cfg.dim,
-              ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim, text_dim=cfg.text_dim, out_dim=cfg.out_dim,
-              num_heads=cfg.heads, num_layers=cfg.layers, qk_norm=True, cross_attn_norm=True, eps=cfg.eps,
-              device="meta", dtype=dtype, operations=comfy.ops.disable_weight_init)
-    if cfg.has_image:
-        kw["model_type"] = "i2v"
-    model = wm.WanModel(**kw)
-    model = model.to_empty(device=device)
-    model.load_state_dict(ours.state_dict(), strict=False)
-    return model.eval().requires_grad_(False)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
@@ -220,6 +214,21 @@ def main(argv=None):
         print(f"  {label:<10} forward {seconds:.3f} s  {tf / 1e12:7.1f} TFLOP/s  {tf / rate:5.1%} of matmul  "
               f"peak {peak:.2f} GiB")
 
+    def parity(label, out, reference, dtype, against="cvg, same weights and inputs"):
+        """Relative L2 of an output against ours, printed loudly when beyond the dtype's tolerance."""
+        out = out.float()
+        rel = ((out - reference).norm() / reference.norm()).item()
+        tol = PARITY_TOL[dtype]
+        verdict = "ok" if rel <= tol else f"!!! MISMATCH: beyond {tol:.0e}, its timing is not comparable !!!"
+        print(f"  check {label} vs {against}: max |Δ| {(out - reference).abs().max().item():.3e}, "
+              f"relative L2 {rel:.2e} (tolerance {tol:.0e}) {verdict}")
+        return rel
+
+    def time_peer(label, fn):
+        """Median forward time; the peak counts only the timed forwards (and their warm-up)."""
+        peak_reset(device)
+        report(label, timed(fn, device, repeat=args.repeat), peak_gib(device))
+
     ours = random_model(cfg, device, dtype)
     ours.attention_backend = args.attention
     if args.eager:
@@ -238,9 +247,16 @@ def main(argv=None):
             print(f"  check fused QKV vs three q/k/v matmuls: max |Δ| {(out - three).abs().max().item():.3e}, "
                   f"relative L2 {((out - three).norm() / three.norm()).item():.2e}")
             del three
+        if device.type == "cuda" and ours.fused is not False:
+            fast = ours.fused, ours.fused_qkv
+            ours.fused, ours.fused_qkv = False, False
+            plain = ours(x, t, ctx, clip_fea=clip, y=y)
+            ours.fused, ours.fused_qkv = fast
+            results["rel_diff_fast_vs_plain"] = parity("cvg fast path (compiled elementwise groups, fused QKV)",
+                                                       out, plain.float(), dtype, "its plain eager path")
+            del plain
         del out
-        s = timed(lambda: ours(x, t, ctx, clip_fea=clip, y=y), device, repeat=args.repeat)
-        report("cvg", s, peak_gib(device))
+        time_peer("cvg", lambda: ours(x, t, ctx, clip_fea=clip, y=y))
         if args.profile and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
@@ -255,6 +271,12 @@ def main(argv=None):
                 span = (max(r.end for r in gpu) - min(r.start for r in gpu)) / 1e6
                 print(f"  {len(gpu)} GPU kernels and copies in one forward: busy {busy:.4f} s of a {span:.4f} s span "
                       f"(idle {1 - busy / span:.2%}, with the profiler's own overhead)")
+        # Peers run one at a time with ours on the CPU, so each peak is that implementation's own weights +
+        # activations (+ the few MB of shared inputs and our reference output), and each output is checked
+        # against ours before it is timed.
+        reference = ours(x, t, ctx, clip_fea=clip, y=y).float()
+        ours.to("cpu")
+        peak_reset(device)
         ref = None
         if not args.no_diffusers:
             try:
@@ -263,29 +285,30 @@ def main(argv=None):
                 print(f"  diffusers  skipped: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
         if ref is not None:
             xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
-            peak_reset(device)
-            s = timed(lambda: ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0], device,
-                      repeat=args.repeat)
-            report("diffusers", s, peak_gib(device))
-            a = ours(x, t, ctx, clip_fea=clip, y=y)
-            b = ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0].float()
-            rel = ((a - b).norm() / b.norm()).item()
-            results["rel_diff_vs_diffusers"] = rel
-            print(f"  output relative difference cvg vs diffusers: {rel:.2e}")
-            if not args.e2e_diffusers:
+            run_ref = lambda: ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0]  # noqa: E731
+            results["rel_diff_vs_diffusers"] = parity("diffusers", run_ref(), reference, dtype)
+            time_peer("diffusers", run_ref)
+            if args.e2e_diffusers and args.steps and not cfg.has_image:
+                ref.to("cpu")  # back on the device for its own sampling loop, with ours on the CPU
+            else:
                 del ref
                 ref = None
+            peak_reset(device)
         if args.comfyui:
             try:
-                cm = comfy_model(ours, cfg, device, dtype, args.comfyui)
-                peak_reset(device)
-                kw = {"clip_fea": clip} if clip is not None else {}
-                xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
-                s = timed(lambda: cm(xin, t, ctx, **kw), device, repeat=args.repeat)
-                report("comfyui", s, peak_gib(device))
-                del cm
-            except Exception as e:  # a tree with another WanModel signature
+                comfy = comfy_peer.import_comfy(args.comfyui, device)
+                print(f"  {comfy_peer.describe(comfy)}")
+                cm = comfy_peer.wan_dit(comfy, ours, cfg, device, dtype)
+            except Exception as e:  # a tree with another WanModel signature, or a dependency missing
                 print(f"  comfyui    skipped: {type(e).__name__}: {e}")
+            else:
+                run_cm = lambda: comfy_peer.dit_forward(cm, x, t, ctx, clip, y, dtype)  # noqa: E731
+                results["rel_diff_vs_comfyui"] = parity("comfyui", run_cm(), reference, dtype)
+                time_peer("comfyui", run_cm)
+                del cm
+                peak_reset(device)
+        del reference
+        ours.to(device)
         if args.steps and not cfg.has_image:
             neg = (torch.randn(1, 512, cfg.text_dim, generator=g) * 0.1).to(device, dtype)
             z0 = torch.zeros(1, 16, *lat, device=device)
@@ -334,6 +357,8 @@ def main(argv=None):
                     vc = ref(xb, tt, ctx, return_dict=False)[0].float()
                     vu = ref(xb, tt, neg, return_dict=False)[0].float()
                     return sampling.cfg(vc, vu, 5.0)
+                ours.to("cpu")
+                ref.to(device)
                 peak_reset(device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
@@ -345,8 +370,10 @@ def main(argv=None):
                 results["e2e"]["diffusers"] = {"s": s_, "forwards": 2 * args.steps, "peak_gib": peak_gib(device), **c}
                 print(f"  full sample, diffusers WanTransformer3DModel in the same UniPC CFG loop: {s_:.1f} s, "
                       f"peak {peak_gib(device):.2f} GiB")
+                ours.to(device)
         if ref is not None:
             del ref
+            peak_reset(device)
         swaps = [int(v) for v in args.blocks_to_swap.split(",") if v.strip()]
         if swaps:
             results["block_swap"] = {}
