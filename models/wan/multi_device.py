@@ -39,6 +39,7 @@ from .parallel import WORKER_ENV, SequenceParallel, cfg_parallel_velocity
 
 DEVICE_TYPES = ("cuda", "cpu")
 PACK_ROOT = str(Path(__file__).resolve().parents[2])
+STOP_GRACE_S = 120.0  # after an interrupt, how long the call in flight may take before the workers are killed
 
 # A worker imports this file as `models.wan.multi_device` with the pack root first on its path, so it loads
 # nothing of the caller's (ComfyUI's) packages; the environment is set before torch is imported.
@@ -227,13 +228,16 @@ class DevicePool:
         """Every rank's reply (and what should_stop() raised, if it did); a worker's error or exit ends the pool."""
         replies, seconds = [None] * self.devices, [0.0] * self.devices
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
-        stopped = None
+        stopped, give_up = None, None
         while pending:
             if should_stop is not None and stopped is None:
                 try:
                     should_stop()
                 except Exception as e:  # finish the call in flight, so the workers keep the model, then raise
-                    stopped = e
+                    stopped, give_up = e, time.monotonic() + STOP_GRACE_S
+            if give_up is not None and time.monotonic() > give_up:
+                self.close(force=True)
+                raise stopped
             for conn in mp_connection.wait(list(pending), timeout=0.1):
                 rank = pending.pop(conn)
                 try:

@@ -185,6 +185,25 @@ def test_interrupt_stops_the_call_and_keeps_the_workers(pool):
     assert (got - pipeline.make_velocity_fn(model, ctx, neg, 4.0)(x, 0.25)).abs().max().item() <= TOL
 
 
+def test_an_interrupted_call_that_does_not_finish_ends_the_pool(monkeypatch):
+    """After an interrupt the call in flight gets STOP_GRACE_S seconds (here none), then the workers are killed."""
+    class Interrupted(Exception):
+        pass
+
+    def should_stop():
+        raise Interrupted()
+
+    monkeypatch.setattr(multi_device, "STOP_GRACE_S", -1.0)
+    p = DevicePool("cpu", 1)
+    try:
+        p.load(tiny_model())
+        with pytest.raises(Interrupted):
+            p.velocity_fn(*texts(), 4.0, should_stop=should_stop)(torch.randn(1, 16, 3, 6, 10), 0.5)
+        assert_gone(p)
+    finally:
+        p.close()
+
+
 def test_a_killed_worker_is_named(pool):
     """Last in the file: it ends the module's pool."""
     pool.processes[1].kill()
