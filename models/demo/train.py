@@ -3,6 +3,12 @@
     python -m models.demo.train --out models/demo/weights            # GPU if there is one, else CPU
     python -m models.demo.train --out /tmp/w --smoke                  # seconds, for checking the script
 
+In GPU calls of at most 10 minutes, split the stages (each call writes its folder, the next reads it):
+    python -m models.demo.train --out $OUT/v --vae-seconds 480 --stop-after vae
+    python -m models.demo.train --out $OUT/w --vae-from v --dit-seconds 420 --eval 16
+    python -m models.demo.train --out $OUT/w2 --vae-from w --dit-from w --dit-seconds 420    # more DiT steps
+(`--vae-from DIR --vae-phases video` continues the VAE's video phase from an earlier VAE.)
+
 Stages (all in this process, in order):
 1. Wan-VAE architecture autoencoder (`WanVAE`, tiny config VAE_CONFIG) on 9-frame clips: weighted L1 +
    MSE reconstruction (object pixels weigh more), decoded from mu + small noise, plus a penalty that pulls
@@ -31,7 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .. import conditioning as cond
 from .. import sampling
@@ -89,20 +95,22 @@ def _object_weight(x):
 
 # ------------------------------------------------------------------------------------------- VAE
 
-def train_vae(args, device, log):
+def train_vae(args, device, log, vae=None, phases=("image", "video")):
     """Two phases: single frames (one encoder chunk and one decoder frame per step, so several times more
     steps per second: shapes and colours), then clips of the DiT's length (motion, and the causal cache
     over every latent frame the DiT produces; a VAE trained on 9 frames fell apart after its 3rd latent
     frame on 17-frame clips)."""
     torch.manual_seed(args.seed)
-    vae = WanVAE(VAE_CONFIG).to(device).train()
+    vae = (WanVAE(VAE_CONFIG) if vae is None else vae).to(device).train().requires_grad_(True)
     vae.set_max_piece_elems(1 << 31)  # no time splitting of large training batches (fewer kernel launches)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 2)
     report = {}
-    phases = (("image", 1, args.vae_image_batch, args.vae_image_steps, args.vae_seconds * args.vae_image_share),
+    all_phases = (("image", 1, args.vae_image_batch, args.vae_image_steps, args.vae_seconds * args.vae_image_share),
               ("video", FRAMES, args.vae_batch, args.vae_steps, args.vae_seconds * (1 - args.vae_image_share)))
-    for i, (name, frames, batch, steps, seconds) in enumerate(phases):
+    for i, (name, frames, batch, steps, seconds) in enumerate(all_phases):
+        if name not in phases:
+            continue
         _, clips = make_clips(args.vae_clips, frames, args.seed + 1 + 10 * i, device)
         report[name] = _vae_phase(vae, opt, clips.to(device), batch, steps, seconds, args, gen, log, name)
     vae.eval().requires_grad_(False)
@@ -237,6 +245,9 @@ def train_dits(vae, data, args, device, log):
     enc = C.CaptionEncoder(**ENCODER_CONFIG).to(device).train()
     t2v = build_dit().to(device).train()
     i2v = build_dit(**I2V_OVERRIDES).to(device).train()
+    if args.dit_from:  # continue an earlier run (a fresh warm-up and schedule)
+        for name, model in (("text", enc), ("t2v", t2v), ("i2v", i2v)):
+            model.load_state_dict(_load(args.dit_from, name, device))
     params = list(enc.parameters()) + list(t2v.parameters()) + list(i2v.parameters())
     opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.01)
     n = data["x0"].shape[0]
@@ -363,19 +374,32 @@ def _half(state):
     return {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in state.items()}
 
 
-def save_all(out, vae, enc, t2v, i2v, report):
+def save_all(out, report, vae, enc=None, t2v=None, i2v=None):
+    """The four model files (those given) and train_report.json."""
     os.makedirs(out, exist_ok=True)
     meta = {"cvg_demo": "1", "seed": str(report["args"]["seed"])}
     save_file(_half(vae.state_dict()), os.path.join(out, FILES["vae"]),
               {**meta, "config": json.dumps(VAE_CONFIG)})
-    save_file(_half(t2v.state_dict()), os.path.join(out, FILES["t2v"]),
-              {**meta, "config": json.dumps(DIT_CONFIG)})
-    save_file(_half(i2v.state_dict()), os.path.join(out, FILES["i2v"]),
-              {**meta, "config": json.dumps({**DIT_CONFIG, **I2V_OVERRIDES})})
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in enc.state_dict().items()},
-              os.path.join(out, FILES["text"]), {**meta, "config": json.dumps(ENCODER_CONFIG)})
+    if t2v is not None:
+        save_file(_half(t2v.state_dict()), os.path.join(out, FILES["t2v"]),
+                  {**meta, "config": json.dumps(DIT_CONFIG)})
+        save_file(_half(i2v.state_dict()), os.path.join(out, FILES["i2v"]),
+                  {**meta, "config": json.dumps({**DIT_CONFIG, **I2V_OVERRIDES})})
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in enc.state_dict().items()},
+                  os.path.join(out, FILES["text"]), {**meta, "config": json.dumps(ENCODER_CONFIG)})
     with open(os.path.join(out, "train_report.json"), "w") as f:
         json.dump(report, f, indent=1)
+
+
+def _load(folder, name, device):
+    return {k: v.float().to(device) for k, v in load_file(os.path.join(folder, FILES[name])).items()}
+
+
+def load_vae(folder, device):
+    """A VAE saved by an earlier run (fp16 file, so the DiT then trains on the weights that ship)."""
+    vae = WanVAE(VAE_CONFIG)
+    vae.load_state_dict(_load(folder, "vae", "cpu"))
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def main(argv=None):
@@ -401,6 +425,12 @@ def main(argv=None):
     p.add_argument("--dit-lr", type=float, default=5e-4)
     p.add_argument("--eval", type=int, default=32, help="seeds of the closing evaluation (0 = skip)")
     p.add_argument("--vae-eval", type=int, default=64, help="clips of the VAE reconstruction check")
+    p.add_argument("--vae-from", default=None, help="folder of an earlier run: use its VAE, skip the VAE stage")
+    p.add_argument("--vae-phases", default=None,
+                   help="comma list of VAE phases to run (image,video); default both, none with --vae-from")
+    p.add_argument("--dit-from", default=None, help="folder of an earlier run: continue training its DiTs")
+    p.add_argument("--stop-after", choices=("vae", "dit"), default="dit",
+                   help="vae: save the VAE (and report) and stop, for a second call to train the DiTs")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (checks the script)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -418,22 +448,33 @@ def main(argv=None):
         print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
         logs.append(msg)
 
-    vae, vae_rep = train_vae(args, device, log)
+    phases = [x for x in args.vae_phases.split(",") if x] if args.vae_phases is not None else (
+        [] if args.vae_from else ["image", "video"])
+    vae, vae_rep = (load_vae(args.vae_from, device), {}) if args.vae_from else (None, {})
+    if phases:
+        vae, vae_rep = train_vae(args, device, log, vae, phases)
+    if args.vae_from:
+        vae_rep["from"] = os.path.basename(os.path.normpath(args.vae_from))
     vq = vae_quality(vae, device, args.seed + 100, n=8 if args.smoke else args.vae_eval)
     log(f"vae quality {vq}")
-    data = build_dit_dataset(vae, args, device, log)
-    enc, t2v, i2v, dit_rep = train_dits(vae, data, args, device, log)
-    report = {"args": vars(args), "vae": {**vae_rep, **vq}, "dit": dit_rep,
+    report = {"args": vars(args), "vae": {**vae_rep, **vq},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__}
-    save_all(args.out, vae, enc, t2v, i2v, report)  # save before the evaluation, in case it fails
+    if args.stop_after == "vae":
+        report["total_seconds"], report["log"] = time.time() - t_start, logs
+        save_all(args.out, report, vae)
+        return report
+    data = build_dit_dataset(vae, args, device, log)
+    enc, t2v, i2v, dit_rep = train_dits(vae, data, args, device, log)
+    report["dit"] = dit_rep
+    save_all(args.out, report, vae, enc, t2v, i2v)  # save before the evaluation, in case it fails
     if args.eval:
         ev = evaluate(vae, enc, t2v, i2v, device, args.eval)
         log(f"eval {ev}")
         report["eval"] = ev
     report["total_seconds"] = time.time() - t_start
     report["log"] = logs
-    save_all(args.out, vae, enc, t2v, i2v, report)
+    save_all(args.out, report, vae, enc, t2v, i2v)
     return report
 
 
