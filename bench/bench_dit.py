@@ -6,6 +6,11 @@ ComfyUI tree is given), same random weights, bf16, one forward at the real size,
     python bench/bench_dit.py --comfyui /path/ComfyUI   # also ComfyUI's native WanModel
     python bench/bench_dit.py --smoke               # tiny config on the CPU (checks the script runs)
     python bench/bench_dit.py --steps 0 --no-fused-qkv   # self-attention q, k, v as three matmuls (fused: default)
+    python bench/bench_dit.py --variants all --comfyui /path/ComfyUI
+        # every fast-path variant of our forward (VARIANTS below: WanDiT switches) and the peers, all resident,
+        # each checked against our plain eager path, then timed round-robin (--repeat rounds, order rotated),
+        # with each one's per-round ratio to each peer; forwards only. --variant NAME runs the cvg rows of
+        # the other modes with that variant's switches.
 
 Fast paths (each one's output is checked against the plain path, and the check printed, before its timing):
 
@@ -40,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.wan import loading, pipeline  # noqa: E402
 from models import sampling  # noqa: E402
 from models.wan.block_swap import BlockSwap  # noqa: E402
+from models.wan import dit  # noqa: E402
 from models.wan.dit import WanConfig, build_model, quantize_fp8_  # noqa: E402
 from models.wan.step_cache import StepCache  # noqa: E402
 
@@ -54,6 +60,66 @@ SMOKE_I2V = WanConfig(model_type="i2v", dim=128, ffn_dim=96, heads=1, layers=2, 
 # relative L2 of a peer's forward against ours: fp32 on the CPU is exact up to summation order; bf16 differs
 # by the rounding of two kernel orders (1.4e-2 against diffusers in the 2026-12-01 run)
 PARITY_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+# WanDiT's fast-path switches and the variants --variants times side by side (each on top of the defaults;
+# "plain" is the eager reference every other one is checked against; "compute" = the compute dtype)
+SWITCHES = ("fused", "fused_qkv", "fuse_residual", "gelu_epilogue", "compile_blocks", "residual_dtype",
+            "contiguous_residual")
+VARIANTS = {
+    "plain": (dict(fused=False, fused_qkv=False), "eager ops, three q/k/v matmuls (the reference path)"),
+    "fast": ({}, "the defaults: compiled elementwise groups, fused QKV, token-major float32 residual"),
+    "old": (dict(contiguous_residual=False, fuse_residual=False),
+            "the fast path as timed on 2026-12-01: residual in the patchify layout, ATen's last residual update"),
+    "qkv3": (dict(fused_qkv=False), "fast with three q/k/v matmuls"),
+    "gelu": (dict(gelu_epilogue=True), "fast + FFN GELU in the cuBLASLt matmul epilogue"),
+    "gelu-qkv3": (dict(gelu_epilogue=True, fused_qkv=False), "gelu with three q/k/v matmuls"),
+    "block": (dict(compile_blocks=True), "every block body as one torch.compile graph (fused QKV)"),
+    "block-qkv3": (dict(compile_blocks=True, fused_qkv=False), "block with three q/k/v matmuls"),
+    "bf16res": (dict(residual_dtype="compute"),
+                "fast with the residual stream in bf16 (ComfyUI's and diffusers' choice; not the reference)"),
+}
+
+
+def switches_of(model):
+    return {k: getattr(model, k) for k in SWITCHES}
+
+
+def set_switches(model, switches, dtype):
+    for k, v in switches.items():
+        setattr(model, k, dtype if v == "compute" else v)
+
+
+def variant_switches(name, defaults):
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return {**defaults, **VARIANTS[name][0]}
+
+
+def round_robin(fns, device, rounds):
+    """Seconds of each fn per round, every fn once a round, the order rotated each round (clock drift and
+    position effects spread over all of them)."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def activation_peak(fn, device):
+    """GiB allocated above what was resident before one call (all models stay on the device in --variants)."""
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def forward_flops(cfg, tokens, text=512, image=0):
@@ -145,6 +211,94 @@ def diffusers_model(ours, cfg, device, dtype):
     return ref.eval().requires_grad_(False)
 
 
+def diffusers_peer(ours, cfg, device, dtype, x, t, ctx, clip, y):
+    """(diffusers model, its forward fn) with our weights, or (None, None) when diffusers is unavailable."""
+    try:
+        ref = diffusers_model(ours, cfg, device, dtype)
+    except Exception as e:  # not installed, or an environment where it does not import
+        print(f"  diffusers  skipped: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+        return None, None
+    xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
+    return ref, lambda: ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0]
+
+
+def comfyui_peer(path, ours, cfg, device, dtype, x, t, ctx, clip, y):
+    """The forward fn of ComfyUI's native WanModel (from the tree at `path`) with our weights, or None."""
+    try:
+        comfy = comfy_peer.import_comfy(path, device)
+        print(f"  {comfy_peer.describe(comfy)}")
+        cm = comfy_peer.wan_dit(comfy, ours, cfg, device, dtype)
+    except Exception as e:  # a tree with another WanModel signature, or a dependency missing
+        print(f"  comfyui    skipped: {type(e).__name__}: {e}")
+        return None
+    return lambda: comfy_peer.dit_forward(cm, x, t, ctx, clip, y, dtype)
+
+
+def build_peers(args, ours, cfg, device, dtype, *inputs):
+    """{label: forward fn} of diffusers and ComfyUI native (unless skipped), on the device next to ours."""
+    peers = {}
+    if not args.no_diffusers:
+        peers["diffusers"] = diffusers_peer(ours, cfg, device, dtype, *inputs)[1]
+    if args.comfyui:
+        peers["comfyui"] = comfyui_peer(args.comfyui, ours, cfg, device, dtype, *inputs)
+    return {k: v for k, v in peers.items() if v is not None}
+
+
+def run_variants(args, ours, cfg, names, defaults, inputs, device, dtype, flops, rate, results, parity):
+    """Every named variant of our forward and the peers, all resident on the device: each checked against
+    the plain path (first call, with its compile time), then timed round-robin for `--repeat` rounds."""
+    x, t, ctx, clip, y = inputs
+    for name in names:
+        variant_switches(name, defaults)  # unknown names fail before any work
+    set_switches(ours, variant_switches("plain", defaults), dtype)
+    reference = ours(x, t, ctx, clip_fea=clip, y=y).float()
+    fns, checks, first = {}, {}, {}
+
+    def variant_fn(name):
+        switches = variant_switches(name, defaults)
+
+        def run():
+            set_switches(ours, switches, dtype)
+            return ours(x, t, ctx, clip_fea=clip, y=y)
+        return run
+
+    for name in names:
+        fns[name] = variant_fn(name)
+        t0 = time.perf_counter()
+        out = fns[name]()
+        sync(device)
+        first[name] = time.perf_counter() - t0
+        print(f"  {name:<11} {VARIANTS[name][1]}; first call {first[name]:.1f} s")
+        checks[name] = parity(name, out, reference, dtype, "cvg plain eager path")
+    for label, fn in build_peers(args, ours, cfg, device, dtype, x, t, ctx, clip, y).items():
+        fns[label] = fn
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        first[label] = time.perf_counter() - t0
+        checks[label] = parity(label, out, reference, dtype, "cvg plain eager path")
+    del reference, out
+    round_robin(fns, device, 1)  # warm-up round
+    times = round_robin(fns, device, args.repeat)
+    peers = [p for p in ("comfyui", "diffusers") if p in fns]
+    results["variants"] = {}
+    print(f"  {args.repeat} rounds round-robin: median forward, TFLOP/s, share of the matmul rate, per-round ratio "
+          f"to each peer (median), activation peak above the resident weights, relative L2 vs plain")
+    for label, ts in times.items():
+        s_ = statistics.median(ts)
+        ratios = {p: statistics.median(a / b for a, b in zip(ts, times[p])) for p in peers}
+        peak = activation_peak(fns[label], device)
+        results["variants"][label] = {
+            "forward_s": s_, "min_s": min(ts), "tflops": flops / s_ / 1e12, "ratio_to_matmul": flops / s_ / rate,
+            "activation_peak_gib": peak, "rel_l2_vs_plain": checks[label], "first_call_s": first[label],
+            **{f"vs_{p}": r for p, r in ratios.items()},
+            "switches": variant_switches(label, defaults) if label in VARIANTS else None}
+        vs = "  ".join(f"{r:.3f}x {p}" for p, r in ratios.items())
+        print(f"  {label:<11} {s_:.3f} s (min {min(ts):.3f})  {flops / s_ / 1e12:6.1f} TFLOP/s  "
+              f"{flops / s_ / rate:5.1%}  {vs}  act {peak:.2f} GiB  rel L2 {checks[label]:.2e}")
+    set_switches(ours, defaults, dtype)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
@@ -167,6 +321,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--eager", action="store_true", help="no torch.compile of the elementwise groups")
     ap.add_argument("--no-fused-qkv", action="store_true", help="self-attention q, k, v as three matmuls, not one")
+    ap.add_argument("--variant", default="fast", help=f"WanDiT switches of the cvg rows: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="",
+                    help="comma-separated variants (or 'all') timed round-robin with the peers, forwards only")
     ap.add_argument("--profile", action="store_true",
                     help="print the top CUDA kernels of one forward, the kernel count and the GPU's idle share")
     args = ap.parse_args(argv)
@@ -231,6 +388,19 @@ def main(argv=None):
 
     ours = random_model(cfg, device, dtype)
     ours.attention_backend = args.attention
+    defaults = switches_of(ours)
+    if args.smoke:  # the compiled paths traced without code generation on the CPU
+        dit.compile_backend = "aot_eager"
+    if args.variants:
+        names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+        with torch.inference_mode():
+            run_variants(args, ours, cfg, names, defaults, (x, t, ctx, clip, y), device, dtype, flops, rate, results,
+                         parity)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2, default=str)
+        return results
+    set_switches(ours, variant_switches(args.variant, defaults), dtype)
     if args.eager:
         ours.fused = False
     ours.fused_qkv = not args.no_fused_qkv
@@ -247,12 +417,12 @@ def main(argv=None):
             print(f"  check fused QKV vs three q/k/v matmuls: max |Δ| {(out - three).abs().max().item():.3e}, "
                   f"relative L2 {((out - three).norm() / three.norm()).item():.2e}")
             del three
-        if device.type == "cuda" and ours.fused is not False:
-            fast = ours.fused, ours.fused_qkv
-            ours.fused, ours.fused_qkv = False, False
+        fast, plain_switches = switches_of(ours), variant_switches("plain", defaults)
+        if device.type == "cuda" and fast != plain_switches:
+            set_switches(ours, plain_switches, dtype)
             plain = ours(x, t, ctx, clip_fea=clip, y=y)
-            ours.fused, ours.fused_qkv = fast
-            results["rel_diff_fast_vs_plain"] = parity("cvg fast path (compiled elementwise groups, fused QKV)",
+            set_switches(ours, fast, dtype)
+            results["rel_diff_fast_vs_plain"] = parity(f"cvg fast path ({args.variant}: {VARIANTS[args.variant][1]})",
                                                        out, plain.float(), dtype, "its plain eager path")
             del plain
         del out
@@ -279,13 +449,8 @@ def main(argv=None):
         peak_reset(device)
         ref = None
         if not args.no_diffusers:
-            try:
-                ref = diffusers_model(ours, cfg, device, dtype)
-            except Exception as e:  # not installed, or an environment where it does not import
-                print(f"  diffusers  skipped: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+            ref, run_ref = diffusers_peer(ours, cfg, device, dtype, x, t, ctx, clip, y)
         if ref is not None:
-            xin = torch.cat([x, y], 1).to(dtype) if y is not None else x.to(dtype)
-            run_ref = lambda: ref(xin, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0]  # noqa: E731
             results["rel_diff_vs_diffusers"] = parity("diffusers", run_ref(), reference, dtype)
             time_peer("diffusers", run_ref)
             if args.e2e_diffusers and args.steps and not cfg.has_image:
@@ -294,19 +459,12 @@ def main(argv=None):
                 del ref
                 ref = None
             peak_reset(device)
-        if args.comfyui:
-            try:
-                comfy = comfy_peer.import_comfy(args.comfyui, device)
-                print(f"  {comfy_peer.describe(comfy)}")
-                cm = comfy_peer.wan_dit(comfy, ours, cfg, device, dtype)
-            except Exception as e:  # a tree with another WanModel signature, or a dependency missing
-                print(f"  comfyui    skipped: {type(e).__name__}: {e}")
-            else:
-                run_cm = lambda: comfy_peer.dit_forward(cm, x, t, ctx, clip, y, dtype)  # noqa: E731
-                results["rel_diff_vs_comfyui"] = parity("comfyui", run_cm(), reference, dtype)
-                time_peer("comfyui", run_cm)
-                del cm
-                peak_reset(device)
+        run_cm = comfyui_peer(args.comfyui, ours, cfg, device, dtype, x, t, ctx, clip, y) if args.comfyui else None
+        if run_cm is not None:
+            results["rel_diff_vs_comfyui"] = parity("comfyui", run_cm(), reference, dtype)
+            time_peer("comfyui", run_cm)
+            del run_cm
+            peak_reset(device)
         del reference
         ours.to(device)
         if args.steps and not cfg.has_image:

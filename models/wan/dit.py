@@ -7,7 +7,8 @@ facts in REFERENCE §1. Parameter names are the original (Wan-AI / ComfyUI) name
 Numerics follow the reference:
   * the time embedding, the modulation (shift/scale/gate), the residual stream, the norms and the head
     run in float32; the big linear layers and attention run in the compute dtype (`WanDiT.dtype`,
-    e.g. bfloat16), like the reference under `autocast(bfloat16)`;
+    e.g. bfloat16), like the reference under `autocast(bfloat16)` (`WanDiT.residual_dtype` can put the
+    residual stream in the compute dtype instead, as ComfyUI and diffusers do: an option, not the reference);
   * the sinusoidal time embedding is [cos, sin], in float64 by default (the reference; set
     `sinusoid_dtype=torch.float32` for diffusers' variant, 3e-5 apart at t=999);
   * text context is zero-padded (or truncated) to 512 rows and NOT masked anywhere;
@@ -281,6 +282,8 @@ def apply_rope(x, freqs):
 # The elementwise work around the matmuls, in groups. `EAGER` runs them as plain torch ops; `fused_ops()`
 # returns the same groups through torch.compile (one kernel per group on CUDA), with the RoPE written
 # real-valued for the compiler. Any compile failure falls back to the eager ops for good.
+# The residual stream x may be float32 (the reference) or the compute dtype (WanDiT.residual_dtype): every
+# group that updates it returns it in its own dtype, computed in float32.
 
 
 def _norm_rope(x, weight, eps, rope, heads, dtype):
@@ -310,60 +313,135 @@ def _rms_cast(x, weight, eps, dtype):
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(dtype)
 
 
+def _gate_residual(x, y, gate):
+    """x + y·gate (float32 math), in the residual stream's dtype."""
+    return torch.addcmul(x, y, gate).to(x.dtype)
+
+
 def _gate_norm_affine(x, y, gate, weight, bias, eps, dtype):
-    """x + y·gate (the new residual, float32) and its affine LayerNorm cast to the compute dtype."""
-    x = torch.addcmul(x, y, gate)
+    """x + y·gate (the new residual) and its affine LayerNorm cast to the compute dtype."""
+    x = _gate_residual(x, y, gate)
     return x, _norm_affine(x, weight, bias, eps, dtype)
 
 
 def _add_modulate(x, y, shift, scale, eps, dtype):
-    """x + y (the new residual, float32) and LN(x + y)·(1 + scale) + shift in the compute dtype."""
-    x = x + y
+    """x + y (the new residual) and LN(x + y)·(1 + scale) + shift in the compute dtype."""
+    x = (x + y).to(x.dtype)
     return x, _modulate(x, shift, scale, eps, dtype)
 
 
+def _ffn(ffn, h):
+    return ffn(h)
+
+
+def _ffn_gelu_epilogue(ffn, h):
+    """The FFN with its first Linear and the tanh GELU as one matmul: on CUDA torch._addmm_activation runs a
+    cuBLASLt GELU epilogue (tanh form), so the [tokens, ffn_dim] activation is written once instead of being
+    written, read and written again by a separate GELU kernel. Elsewhere (torch's CPU kernel uses the erf
+    GELU, not Wan's tanh form) and for fp8 scaled-mm layers: the plain FFN."""
+    up, _, down = ffn
+    if not h.is_cuda or up.runs_scaled_mm or up.bias is None:
+        return ffn(h)
+    z = torch._addmm_activation(_cast(up.bias, h.dtype), h.reshape(-1, h.shape[-1]), up.dense_weight(h.dtype).t(),
+                                use_gelu=True)
+    return down(z.view(*h.shape[:-1], z.shape[-1]))
+
+
 class Ops:
-    def __init__(self, norm_rope, modulate, norm_affine, rms_cast, gate_norm_affine, add_modulate):
+    """How a block runs: its elementwise groups, its FFN, and optionally `block`, a callable that runs the
+    whole block body instead (the compiled-block path; it falls back to `body` for sequence parallel)."""
+
+    def __init__(self, norm_rope, modulate, norm_affine, rms_cast, gate_norm_affine, add_modulate,
+                 gate_residual=_gate_residual, ffn=_ffn, block=None):
         self.norm_rope, self.modulate, self.norm_affine, self.rms_cast = norm_rope, modulate, norm_affine, rms_cast
-        self.gate_norm_affine, self.add_modulate = gate_norm_affine, add_modulate
+        self.gate_norm_affine, self.add_modulate, self.gate_residual = gate_norm_affine, add_modulate, gate_residual
+        self.ffn, self.block = ffn, block
+
+    def replace(self, **changes):
+        return Ops(**{**vars(self), **changes})
 
 
 EAGER = Ops(_norm_rope, _modulate, _norm_affine, _rms_cast, _gate_norm_affine, _add_modulate)
+# the forms torch.compile traces (real-valued RoPE); uncompiled they compute what EAGER computes
+TRACEABLE = EAGER.replace(norm_rope=_norm_rope_real)
+# torch.compile backend of the compiled paths ("inductor"; tests trace with "aot_eager" on the CPU)
+compile_backend = "inductor"
 
 
 class _Compiled:
-    """torch.compile'd function that falls back to `eager` (and stays there) if compiling fails."""
+    """torch.compile'd function that falls back to `eager` (and stays there) if compiling fails. `group`
+    names what fails together: the elementwise groups ("ops") or the compiled blocks ("block")."""
 
-    failed = False
+    failed = set()
 
-    def __init__(self, fn, eager):
-        self.fn, self.eager, self.compiled = fn, eager, None
+    def __init__(self, fn, eager, group="ops"):
+        self.fn, self.eager, self.group, self.compiled = fn, eager, group, {}  # compile backend -> compiled fn
 
     def __call__(self, *args):
-        if not _Compiled.failed:
+        if self.group not in _Compiled.failed:
             try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=False)
-                return self.compiled(*args)
+                if compile_backend not in self.compiled:
+                    self.compiled[compile_backend] = torch.compile(self.fn, dynamic=False, backend=compile_backend)
+                return self.compiled[compile_backend](*args)
             except Exception as e:  # no Triton / compiler: the eager ops give the same result
-                _Compiled.failed = True
+                _Compiled.failed.add(self.group)
                 import warnings
 
-                warnings.warn(f"WanDiT: torch.compile of the fused ops failed ({type(e).__name__}: {e}); "
-                              "running them eagerly")
+                warnings.warn(f"WanDiT: torch.compile of the {self.group} path failed ({type(e).__name__}: {e}); "
+                              "running it eagerly")
         return self.eager(*args)
 
 
-_FUSED = None
+_COMPILED = {}
 
 
-def fused_ops():
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = Ops(*(_Compiled(f, e) for f, e in (
-            (_norm_rope_real, _norm_rope), (_modulate, _modulate), (_norm_affine, _norm_affine),
-            (_rms_cast, _rms_cast), (_gate_norm_affine, _gate_norm_affine), (_add_modulate, _add_modulate))))
-    return _FUSED
+def _compiled(fn, eager):
+    """One shared _Compiled per function (each compiles once, whichever plan uses it)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = _Compiled(fn, eager)
+    return _COMPILED[fn]
+
+
+def fused_ops(fuse_residual=True):
+    """The groups through torch.compile; fuse_residual=False leaves the block's last residual update
+    (x + FFN·g1) to ATen's addcmul, as in the 2026-12-01 GPU runs."""
+    groups = {name: _compiled(getattr(TRACEABLE, name), getattr(EAGER, name)) for name in (
+        "norm_rope", "modulate", "norm_affine", "rms_cast", "gate_norm_affine", "add_modulate", "gate_residual")}
+    if not fuse_residual:
+        groups["gate_residual"] = EAGER.gate_residual
+    return EAGER.replace(**groups)
+
+
+_PLANS = {}
+
+
+def block_plan(fused, fuse_residual=True, gelu_epilogue=False, compile_blocks=False):
+    """The Ops a forward runs with, from WanDiT's switches (cached: compiled functions are built once)."""
+    key = (bool(fused), bool(fuse_residual), bool(gelu_epilogue), bool(compile_blocks))
+    if key not in _PLANS:
+        ffn = _ffn_gelu_epilogue if gelu_epilogue else _ffn
+        ops = fused_ops(fuse_residual) if fused else EAGER
+        if gelu_epilogue:
+            ops = ops.replace(ffn=ffn)
+        if compile_blocks:
+            ops = ops.replace(block=_compiled_block(TRACEABLE.replace(ffn=ffn), ops))
+        _PLANS[key] = ops
+    return _PLANS[key]
+
+
+def _compiled_block(inner, fallback):
+    """A whole block body as one torch.compile graph with `inner` (traceable) ops; every block runs the same
+    graph (same code, parameters are graph inputs), so it compiles once per input shape. Block hooks (block
+    swap) stay outside the graph: they run in the block's __call__ around it."""
+
+    def run(block, x, e0, context, context_img, rope, image_strength, dtype, backend):
+        rope = (None, rope[1], rope[2])  # the real-valued tables only: no complex tensor enters the graph
+        return block.body(x, e0, context, context_img, rope, image_strength, dtype, backend, inner)
+
+    def eager(block, *args):
+        return block.body(*args, fallback)
+
+    return _Compiled(run, eager, group="block")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,7 +533,12 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(self, x, e0, context, context_img, rope, image_strength, dtype, backend, ops=EAGER, sp=None):
-        # x: float32 residual stream [B, L, D]; e0: float32 [B, 6, D]
+        if ops.block is not None and sp is None:
+            return ops.block(self, x, e0, context, context_img, rope, image_strength, dtype, backend)
+        return self.body(x, e0, context, context_img, rope, image_strength, dtype, backend, ops, sp)
+
+    def body(self, x, e0, context, context_img, rope, image_strength, dtype, backend, ops=EAGER, sp=None):
+        # x: residual stream [B, L, D] (float32, or WanDiT.residual_dtype); e0: float32 [B, 6, D]
         # (.to: ComfyUI's low-VRAM loading moves only modules that have a `weight`, so these stay behind)
         shift0, scale0, gate0, shift1, scale1, gate1 = (
             self.modulation.to(e0.device, torch.float32) + e0).unsqueeze(2).unbind(1)
@@ -465,9 +548,9 @@ class WanBlock(nn.Module):
         # x = x + CrossAttn(LN3_affine(x), context)
         x, h = ops.gate_norm_affine(x, y, gate0, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
         y = self.cross_attn(h, context, context_img, image_strength, backend, ops)
-        # x = x + FFN(LN2(x)·(1 + c1) + s1)·g1   (addcmul promotes y to float32)
+        # x = x + FFN(LN2(x)·(1 + c1) + s1)·g1   (computed in float32)
         x, h = ops.add_modulate(x, y, shift1, scale1, eps, dtype)
-        return torch.addcmul(x, self.ffn(h), gate1)
+        return ops.gate_residual(x, ops.ffn(self.ffn, h), gate1)
 
 
 class Head(nn.Module):
@@ -540,6 +623,17 @@ class WanDiT(nn.Module):
         self.sinusoid_dtype = torch.float64
         # torch.compile the elementwise groups on CUDA (None: when Triton is importable; False: never)
         self.fused = None
+        # more fast-path switches (bench/bench_dit.py --variants times them side by side, each checked against
+        # the plain path): the block's last residual update inside the compiled groups (with `fused`); the
+        # FFN's Linear + tanh GELU as one cuBLASLt matmul (CUDA); every block body as one torch.compile graph;
+        # the residual stream's dtype (None: float32, the reference; the compute dtype is ComfyUI's and
+        # diffusers' choice, ~1e-2 apart at bf16); token-major (contiguous) residual stream, False keeps the
+        # patchify layout [B, L, D] with D-stride L that every block ran on in the 2026-12-01 GPU runs
+        self.fuse_residual = True
+        self.gelu_epilogue = False
+        self.compile_blocks = False
+        self.residual_dtype = None
+        self.contiguous_residual = True
         self.compute_dtype = None  # None: the dtype of the big weights (set by the loader)
         d = cfg.dim
         self.patch_embedding = PatchEmbed(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -598,7 +692,14 @@ class WanDiT(nn.Module):
         fused = self.fused
         if fused is None:
             fused = x.is_cuda and _triton_available()
-        return fused_ops() if fused else EAGER
+        return block_plan(fused, self.fuse_residual, self.gelu_epilogue, self.compile_blocks)
+
+    def _residual_dtype(self):
+        dtype = self.residual_dtype or torch.float32
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
+            raise ValueError(f"WanDiT.residual_dtype must be None (float32), torch.float32, torch.bfloat16 or "
+                             f"torch.float16, not {dtype!r}")
+        return dtype
 
     def prepare_context(self, context):
         """Text [B, L, text_dim] (or a list of [L_i, text_dim]) -> [B, 512, text_dim], zero-padded or truncated."""
@@ -687,7 +788,11 @@ class WanDiT(nn.Module):
         # patchify: tokens in row-major (f, h, w) order
         x = self.patch_embedding(x.to(device, dtype))
         grid = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2).float()  # float32 residual stream [B, L, D]
+        # residual stream [B, L, D], float32 unless residual_dtype says otherwise; token-major, so the per-token
+        # norms of every block read it in rows (the patchify view has D-stride L and stays so through addcmul)
+        x = x.flatten(2).transpose(1, 2).to(self._residual_dtype())
+        if self.contiguous_residual:
+            x = x.contiguous()
         rope = self._rope(grid, device, t_offset)
 
         # time: [cos, sin] sinusoid -> e [B, D] and e0 [B, 6, D], float32
@@ -725,7 +830,7 @@ class WanDiT(nn.Module):
                            self._ops(x), sp)
 
     def run_blocks(self, inp, x, start=0, end=None):
-        """Blocks [start, end) on the residual stream x [B, L, D] (float32)."""
+        """Blocks [start, end) on the residual stream x [B, L, D] (float32 unless residual_dtype is set)."""
         for block in self.blocks[start:end]:
             x = block(x, inp.e0, inp.context, inp.context_img, inp.rope, inp.image_strength, inp.dtype, inp.backend,
                       inp.ops, inp.sp)

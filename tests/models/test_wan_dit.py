@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from host.random_weights import randomize_dit
 from models.wan import loading
@@ -457,3 +458,168 @@ def test_fp8_model_close_to_full_precision():
         return ((u - v).norm() / v.norm()).item()
     assert rel(a, ref) < 0.1 and rel(b, ref) < 0.1 and rel(a, b) < 0.1
     assert rel(a, ref) > 0  # really quantized
+
+
+# --- fast-path switches (bench/bench_dit.py --variants times them on the GPU, each checked against plain) ---
+
+
+@pytest.fixture
+def traced():
+    """The compiled paths traced by torch.compile with the aot_eager backend (Dynamo + AOT autograd, no code
+    generation): on the CPU this checks that what the compiler sees computes what the eager path computes."""
+    from models.wan import dit
+
+    before = dit.compile_backend, set(dit._Compiled.failed)
+    dit.compile_backend = "aot_eager"
+    dit._Compiled.failed.clear()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield dit
+    dit.compile_backend = before[0]
+    dit._Compiled.failed.clear()
+    dit._Compiled.failed.update(before[1])
+    torch._dynamo.reset()
+
+
+def bf16_copy(m):
+    m16 = WanDiT(m.config).eval()
+    m16.load_state_dict({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, assign=True)
+    m16.compute_dtype = torch.bfloat16
+    return m16
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_residual_stream_is_token_major_and_its_layout_changes_nothing(model_type):
+    """The patchify view [B, L, D] has D-stride L, and addcmul keeps that layout block after block; the
+    residual stream is made token-major once after patchify. Same values, bit for bit."""
+    cfg = tiny_config(model_type)
+    m = randomize(WanDiT(cfg), 31).eval()
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([999.0, 41.0])
+    with torch.no_grad():
+        inp = m.embed(x, t, ctx, clip_fea=clip, y=y)
+        h = m.run_blocks(inp, inp.x)
+        a = m.finish(inp, h)
+        m.contiguous_residual = False
+        old = m.embed(x, t, ctx, clip_fea=clip, y=y)
+        b = m(x, t, ctx, clip_fea=clip, y=y)
+    assert inp.x.is_contiguous() and h.is_contiguous() and h.dtype == torch.float32
+    assert not old.x.is_contiguous() and old.x.stride()[-1] == old.x.shape[1]
+    assert a.abs().max() > 1.0 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_compiled_groups_equal_eager(traced, model_type):
+    """fused=True on the CPU: every elementwise group (the last residual update included) through
+    torch.compile equals the eager ops; fuse_residual=False leaves that update to ATen."""
+    cfg = tiny_config(model_type)
+    m = randomize(WanDiT(cfg), 32).eval()
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([700.0, 3.0])
+    with torch.no_grad():
+        ref = m(x, t, ctx, clip_fea=clip, y=y)
+        m.fused = True
+        plan = m._ops(x)
+        a = m(x, t, ctx, clip_fea=clip, y=y)
+        m.fuse_residual = False
+        b = m(x, t, ctx, clip_fea=clip, y=y)
+    assert isinstance(plan.gate_residual, traced._Compiled) and not traced._Compiled.failed
+    assert not isinstance(m._ops(x).gate_residual, traced._Compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
+    assert ref.abs().max() > 1.0 and (a - ref).abs().max().item() <= 1e-5 and (b - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type,fused_qkv", [("t2v", True), ("t2v", False), ("i2v", True)])
+def test_compiled_blocks_equal_plain(traced, model_type, fused_qkv):
+    """compile_blocks: each block body as one torch.compile graph, shared by every block (one graph for the
+    whole model at one input shape), equal to the plain eager path."""
+    cfg = tiny_config(model_type)
+    m = randomize(WanDiT(cfg), 33).eval()
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([999.0, 250.0])
+    with torch.no_grad():
+        ref = m(x, t, ctx, clip_fea=clip, y=y)
+        m.compile_blocks, m.fused_qkv = True, fused_qkv
+        plan = m._ops(x)
+        out = m(x, t, ctx, clip_fea=clip, y=y)
+        again = m(x, t, ctx, clip_fea=clip, y=y)
+    assert plan.block is not None and "aot_eager" in plan.block.compiled and not traced._Compiled.failed
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # 2 blocks, 2 calls: compiled once
+    assert ref.abs().max() > 1.0 and (out - ref).abs().max().item() <= 1e-5 and torch.equal(out, again)
+
+
+def test_compiled_blocks_under_block_swap_bit_identical(traced):
+    """Block swap's hooks run around the compiled block body: the swapped copies give the resident result."""
+    from models.wan.block_swap import BlockSwap
+
+    cfg = WanConfig(model_type="t2v", dim=32, ffn_dim=48, heads=2, layers=3, text_dim=16, freq_dim=16)
+    m = randomize(WanDiT(cfg), 34).eval()
+    m.compile_blocks = True
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(2, 16, 2, 4, 6, generator=g), torch.tensor([900, 400]), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        ref = m(x, t, ctx)
+        swap = BlockSwap(m, 2, offload_device="cpu")
+        out = m(x, t, ctx)
+        swap.remove()
+    assert swap.loads == 2 and torch.equal(out, ref) and not traced._Compiled.failed
+
+
+def test_bf16_residual_stream_option(traced):
+    """residual_dtype = the compute dtype (ComfyUI's and diffusers' choice) keeps the stream in bf16 through the
+    blocks, within the bench tolerance (3e-2 relative L2) of the float32 stream, on the eager and the
+    compiled-block path; float32 / None are the reference path bit for bit; a non-float dtype is refused."""
+    cfg = tiny_config("i2v")
+    m = randomize(WanDiT(cfg), 35).eval()
+    x, ctx, y, clip = inputs(cfg)
+    t = torch.tensor([999.0, 500.0])
+    m16 = bf16_copy(m)
+
+    def rel(u, v):
+        return ((u - v).norm() / v.norm()).item()
+    with torch.no_grad():
+        ref32 = m(x, t, ctx, clip_fea=clip, y=y)
+        base = m16(x, t, ctx, clip_fea=clip, y=y)
+        m16.residual_dtype = torch.float32
+        assert torch.equal(m16(x, t, ctx, clip_fea=clip, y=y), base)
+        m16.residual_dtype = torch.bfloat16
+        inp = m16.embed(x, t, ctx, clip_fea=clip, y=y)
+        h = m16.run_blocks(inp, inp.x)
+        out = m16(x, t, ctx, clip_fea=clip, y=y)
+        m16.compile_blocks = True
+        compiled = m16(x, t, ctx, clip_fea=clip, y=y)
+        m16.residual_dtype = torch.int8
+        with pytest.raises(ValueError, match="residual_dtype must be None"):
+            m16(x, t, ctx, clip_fea=clip, y=y)
+    assert inp.x.dtype == torch.bfloat16 and h.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert 0 < rel(out, base) < 3e-2 and rel(out, ref32) < 0.05 and rel(compiled, out) < 1e-2
+
+
+def test_gelu_epilogue_keeps_the_tanh_gelu_off_cuda():
+    """torch's CPU _addmm_activation applies the erf GELU, not Wan's tanh form (the CUDA one is tanh): so off
+    CUDA gelu_epilogue keeps the plain FFN, bit for bit."""
+    g = torch.Generator().manual_seed(6)
+    a, w, b = torch.randn(8, 16, generator=g) * 3, torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    fused = torch._addmm_activation(b, a, w.t(), use_gelu=True)
+    assert (fused - F.gelu(F.linear(a, w, b), approximate="tanh")).abs().max() > 1e-4
+    cfg = tiny_config()
+    m = randomize(WanDiT(cfg), 36).eval()
+    x, ctx, _, _ = inputs(cfg)
+    t = torch.tensor([999.0, 10.0])
+    with torch.no_grad():
+        ref = m(x, t, ctx)
+        m.gelu_epilogue = True
+        assert torch.equal(m(x, t, ctx), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt GELU epilogue runs on CUDA only")
+def test_gelu_epilogue_on_cuda():
+    cfg = tiny_config()
+    m = bf16_copy(randomize(WanDiT(cfg), 37).eval()).cuda()
+    x, ctx, _, _ = (v.cuda() if v is not None else v for v in inputs(cfg))
+    t = torch.tensor([999.0, 10.0], device="cuda")
+    with torch.no_grad():
+        ref = m(x, t, ctx)
+        m.gelu_epilogue = True
+        out = m(x, t, ctx)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
