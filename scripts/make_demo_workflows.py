@@ -19,8 +19,9 @@ CAPTION = "a red circle moving right quickly on a black background"
 NOTE = (
     "Demo world: runs on a CPU with the weights bundled in the pack (models/demo/weights) — nothing to "
     "download. The demo models are tiny and, in this release, undertrained (see docs/model_card.md): "
-    "they draw a blob on the captioned background but do not yet follow the caption. Captions follow the "
-    "grammar 'a <colour> <shape> <motion> <speed> on a <background> background'."
+    "they draw a shape on the captioned background, but its colour, shape and motion often miss the "
+    "caption (docs/quality.md); with seed 0 the T2V demo's circle moves right as captioned but is magenta, "
+    "not red. Captions follow the grammar 'a <colour> <shape> <motion> <speed> on a <background> background'."
 )
 
 
