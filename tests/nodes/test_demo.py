@@ -1,7 +1,8 @@
 """The demo world end to end on the ComfyUI test host: bundled weights found without user action, each
 demo workflow runs from its UI JSON and writes a video of the stated size and length; the T2V demo's mp4,
 tracked by colour segmentation (models/demo/metrics.py, the code of docs/quality.md), moves its object in
-the direction of the workflow's own caption for the workflow's own fixed seed, with the captioned shape.
+the direction of the workflow's own caption for the workflow's own fixed seed, with the captioned shape; the
+I2V demo's frame 0 is its start image (PSNR, colour) and the long demo keeps the captioned background.
 
 The colour is not asserted: with the bundled (undertrained) weights the workflow's seed draws the circle in
 magenta, not red (docs/model_card.md, "Status"); only a small share of seeds get caption, shape and direction
@@ -9,6 +10,7 @@ all right (docs/quality.md)."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from host import workflows
 from models import video_files
@@ -46,7 +48,26 @@ def check_t2v_moves_as_captioned(api, video):
     assert found["shape"] == cap.shape, f"seed {seed}, {texts[0]!r}: {seen}"
 
 
-CHECKS = {"demo_t2v": check_t2v_moves_as_captioned}
+def check_i2v_keeps_start_frame(api, video):
+    (scene,) = node_inputs(api, "CVGDemoScene")
+    cap = captions.parse(scene["text"])
+    start = world.render(cap, 1, int(scene["size"]), int(scene["seed"]))[0]
+    psnr0 = world.psnr(video[0], start)
+    found = metrics.adherence(cap, video)["summary"]
+    # 25.9 dB in-process with these weights; an unconditioned frame 0 scores about 12 dB
+    assert psnr0 >= 22.0, f"frame 0 is not the given start image: PSNR {psnr0:.1f} dB"
+    assert found["first_colour"] == cap.colour, f"{scene['text']!r}: {found}"
+
+
+def check_long_keeps_background(api, video):
+    texts = [i["text"] for i in node_inputs(api, "CVGDemoTextEncode") if i["text"]]
+    cap = captions.parse(texts[0])
+    found = metrics.adherence(cap, video)["summary"]
+    assert found["background"] == cap.background, f"{texts[0]!r}: {found}"
+
+
+CHECKS = {"demo_t2v": check_t2v_moves_as_captioned, "demo_i2v": check_i2v_keeps_start_frame,
+          "demo_long": check_long_keeps_background}
 
 
 def test_t2v_check_passes_the_world_and_rejects_a_wrong_direction():
@@ -82,3 +103,16 @@ def test_bad_caption_is_a_clear_error(comfy):
     enc = next(k for k, v in api.items() if v["class_type"] == "CVGDemoTextEncode" and v["inputs"]["text"])
     api[enc]["inputs"]["text"] = "a purple dragon"
     assert "grammar" in comfy.run_expect_error(api)
+
+
+def test_i2v_and_long_checks_reject_a_wrong_clip():
+    caption = "a red circle moving right quickly on a black background"
+    api = {"1": {"class_type": "CVGDemoScene", "inputs": {"text": caption, "length": 1, "size": 64, "seed": 0}},
+           "2": {"class_type": "CVGDemoTextEncode", "inputs": {"text": caption}}}
+    start = world.render(caption, 1, 64, 0)
+    check_i2v_keeps_start_frame(api, torch.cat([start, world.render(caption, 17, 64, 1)[1:]]))
+    check_long_keeps_background(api, world.render(caption, 17, 64, 0))
+    with pytest.raises(AssertionError, match="PSNR"):
+        check_i2v_keeps_start_frame(api, world.render(caption, 17, 64, 5))  # right caption, other start
+    with pytest.raises(AssertionError, match="'background': 'white'"):
+        check_long_keeps_background(api, world.render(caption.replace("black", "white"), 17, 64, 0))
