@@ -121,7 +121,8 @@ def _vae_phase(vae, opt, clips, batch, steps, seconds, args, gen, log, name):
     device = clips.device
     mean = torch.tensor(wan_latent.LATENT_MEAN, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(wan_latent.LATENT_STD, device=device).view(1, -1, 1, 1, 1)
-    t0 = time.time()
+    budget = StepBudget(seconds, log, f"vae {name}")
+    t0 = budget.t0
     step, last = 0, {}
     run = torch.zeros(2, device=device)  # summed on the device: a host sync per step idles the GPU
     while step < steps:
@@ -142,10 +143,7 @@ def _vae_phase(vae, opt, clips, batch, steps, seconds, args, gen, log, name):
         opt.step()
         step += 1
         run += torch.stack([rec.detach(), stat.detach()])
-        if step == WARMUP_STEPS:
-            t_warm = time.time()
-        if step == WARMUP_STEPS + TIMED_STEPS and seconds:
-            steps = _steps_within(seconds, steps, step, t0, t_warm, log, f"vae {name}")
+        steps = budget.fit(step, steps)
         if step % 100 == 0 or step == steps:
             k = step % 100 or 100
             rec_mean, stat_mean = (run / k).tolist()
@@ -169,12 +167,25 @@ def decode_unclamped(vae, z):
 WARMUP_STEPS, TIMED_STEPS = 10, 20
 
 
-def _steps_within(seconds, steps, step, t0, t_warm, log, name):
-    per = (time.time() - t_warm) / TIMED_STEPS
-    left = seconds - (time.time() - t0)
-    fitted = min(steps, max(step, step + int(left / per)))
-    log(f"{name}: {per * 1000:.1f} ms/step after warm-up -> {fitted} steps")
-    return fitted
+class StepBudget:
+    """The step count of a time-capped stage: `fit(step, steps)` after each step returns the (possibly
+    lowered) total, fixed once from TIMED_STEPS steps timed after WARMUP_STEPS."""
+
+    def __init__(self, seconds, log, name):
+        self.seconds, self.log, self.name = seconds, log, name
+        self.t0 = time.time()
+        self.t_warm = None
+
+    def fit(self, step, steps):
+        if step == WARMUP_STEPS:
+            self.t_warm = time.time()
+        if step != WARMUP_STEPS + TIMED_STEPS or not self.seconds:
+            return steps
+        per = (time.time() - self.t_warm) / TIMED_STEPS
+        left = self.seconds - (time.time() - self.t0)
+        fitted = min(steps, max(step, step + int(left / per)))
+        self.log(f"{self.name}: {per * 1000:.1f} ms/step after warm-up -> {fitted} steps")
+        return fitted
 
 
 def _lr(step, steps, base, warmup=100):
@@ -258,7 +269,8 @@ def train_dits(vae, data, args, device, log):
     empty_ids, empty_len = C.batch_tokens([""])
     empty_ids, empty_len = dev(empty_ids), dev(empty_len)
     steps = args.dit_steps
-    t0 = time.time()
+    budget = StepBudget(args.dit_seconds, log, "dit")
+    t0 = budget.t0
     step = 0
     last = {}
     B = args.dit_batch
@@ -302,10 +314,7 @@ def train_dits(vae, data, args, device, log):
         opt.step()
         step += 1
         run += torch.stack([loss_t2v.detach(), loss_i2v.detach()])
-        if step == WARMUP_STEPS:
-            t_warm = time.time()
-        if step == WARMUP_STEPS + TIMED_STEPS and args.dit_seconds:
-            steps = _steps_within(args.dit_seconds, steps, step, t0, t_warm, log, "dit")
+        steps = budget.fit(step, steps)
         if step % 200 == 0 or step == steps:
             k = step % 200 or 200
             t2v_mean, i2v_mean = (run / k).tolist()
