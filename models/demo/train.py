@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from .. import conditioning as cond
 from .. import sampling
 from ..wan import latent as wan_latent
-from ..wan.vae import WanVAE
+from ..wan.vae import CausalConv3d, Resample, WanVAE
 from . import captions as C
 from . import metrics, world
 
@@ -101,7 +101,11 @@ def train_vae(args, device, log, vae=None, phases=("image", "video")):
     over every latent frame the DiT produces; a VAE trained on 9 frames fell apart after its 3rd latent
     frame on 17-frame clips)."""
     torch.manual_seed(args.seed)
-    vae = (WanVAE(VAE_CONFIG) if vae is None else vae).to(device).train().requires_grad_(True)
+    if vae is None:
+        vae = WanVAE(VAE_CONFIG)
+        if args.vae_init == "per-frame":
+            init_per_frame(vae)
+    vae = vae.to(device).train().requires_grad_(True)
     vae.set_max_piece_elems(1 << 31)  # no time splitting of large training batches (fewer kernel launches)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -117,6 +121,31 @@ def train_vae(args, device, log, vae=None, phases=("image", "video")):
     return vae, {**report, "clips": args.vae_clips}
 
 
+@torch.no_grad()
+def init_per_frame(vae):
+    """Start the VAE as a per-frame image autoencoder: every causal conv's past-frame taps zeroed (the
+    current tap scaled by sqrt(kernel_t) to keep the init's output scale), each temporal downsample
+    keeping its newest frame and each temporal upsample repeating its frame. Single-frame training
+    (the image phase) never reaches the past taps, so with a random init they were noise when the
+    video phase began: its loss jumped from 0.04 to 0.5 and 266 video steps only got it back to 0.26
+    (session-2 run 2). From this init the video phase starts at image quality with held frames."""
+    time_convs = [m.time_conv for m in vae.modules() if isinstance(m, Resample) and hasattr(m, "time_conv")]
+    for conv in time_convs:
+        conv.weight.zero_()
+        conv.bias.zero_()
+        eye = torch.eye(conv.in_channels)
+        for k in range(conv.out_channels // conv.in_channels):  # upsample: 2 output frames per frame
+            conv.weight[k * conv.in_channels:(k + 1) * conv.in_channels, :, -1, 0, 0] = eye
+    for m in vae.modules():
+        if isinstance(m, CausalConv3d) and m.kernel_size[0] > 1 and not any(m is c for c in time_convs):
+            m.weight[:, :, -1] *= m.kernel_size[0] ** 0.5
+            m.weight[:, :, :-1] = 0
+
+
+def _autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
+
 def _vae_phase(vae, opt, clips, batch, steps, seconds, args, gen, log, name):
     device = clips.device
     mean = torch.tensor(wan_latent.LATENT_MEAN, device=device).view(1, -1, 1, 1, 1)
@@ -129,10 +158,11 @@ def _vae_phase(vae, opt, clips, batch, steps, seconds, args, gen, log, name):
         x = clips[torch.randint(clips.shape[0], (batch,), generator=gen).to(device)].float()
         if step % 2:
             x = x.flip(-1)
-        z = vae.encode(x)
-        zc = ((z - mean) / std).transpose(0, 1).reshape(z.shape[1], -1)
-        stat = (zc.mean(1) ** 2).mean() + ((zc.std(1) - 1) ** 2).mean()
-        y = decode_unclamped(vae, z + args.vae_latent_noise * torch.randn_like(z) * std)
+        with _autocast(args, device):
+            z = vae.encode(x).float()
+            zc = ((z - mean) / std).transpose(0, 1).reshape(z.shape[1], -1)
+            stat = (zc.mean(1) ** 2).mean() + ((zc.std(1) - 1) ** 2).mean()
+            y = decode_unclamped(vae, z + args.vae_latent_noise * torch.randn_like(z) * std).float()
         w = _object_weight(x)
         rec = (w * (y - x).abs()).mean() + (w * (y - x) ** 2).mean()
         for g in opt.param_groups:
@@ -256,6 +286,8 @@ def train_dits(vae, data, args, device, log):
     enc = C.CaptionEncoder(**ENCODER_CONFIG).to(device).train()
     t2v = build_dit().to(device).train()
     i2v = build_dit(**I2V_OVERRIDES).to(device).train()
+    for m in (t2v, i2v):
+        m.gelu_epilogue = False  # an inference fast path; training runs the plain FFN
     if args.dit_from:  # continue an earlier run (a fresh warm-up and schedule)
         for name, model in (("text", enc), ("t2v", t2v), ("i2v", i2v)):
             model.load_state_dict(_load(args.dit_from, name, device))
@@ -263,6 +295,9 @@ def train_dits(vae, data, args, device, log):
     opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.01)
     n = data["x0"].shape[0]
     gen = torch.Generator().manual_seed(args.seed + 6)
+    # noise drawn on the device: on the CPU, two [B,16,5,8,8] normals per step plus their synchronous copies
+    # kept the GPU idle for a large share of each step
+    noise_gen = torch.Generator(device).manual_seed(args.seed + 7)
     dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     x0_all, y_all, kind_all = dev(data["x0"]), dev(data["y"]), dev(data["kind"])
     masks, ids_all, len_all = dev(data["masks"]), dev(data["ids"]), dev(data["lengths"])
@@ -277,33 +312,12 @@ def train_dits(vae, data, args, device, log):
     run = torch.zeros(2, device=device)  # summed on the device (no host sync per step)
     while step < steps:
         idx = dev(torch.randint(n, (B,), generator=gen))
-        x0 = x0_all[idx]
         drop = dev(torch.rand(B, generator=gen) < 0.1)  # torch.where: boolean indexing syncs the host
         ids = torch.where(drop[:, None], empty_ids, ids_all[idx])
         lengths = torch.where(drop, empty_len, len_all[idx])
-        ctx = enc(ids, lengths)
-        # sigma: half logit-normal, half uniform
-        u = torch.rand(B, generator=gen)
-        ln = torch.sigmoid(torch.randn(B, generator=gen))
-        sigma = dev(torch.where(torch.rand(B, generator=gen) < 0.5, ln, u).clamp(1e-3, 1.0))
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        s5 = sigma.view(-1, 1, 1, 1, 1)
-        xs = (1 - s5) * x0 + s5 * eps
-        target = eps - x0
-        v = t2v(xs, sigma * 1000, ctx)
-        loss_t2v = F.mse_loss(v.float(), target)
-        # known-frame model: same batch, its own frame sets and noise
-        kind = kind_all[idx]
-        mask = masks[kind]
-        ycond = y_all[idx]
-        pert = dev((torch.rand(B, generator=gen) < 0.4).float() * torch.rand(B, generator=gen) * 0.3)
-        known_lat = (mask.amax(dim=(1, 3, 4)) > 0).float()[:, None, :, None, None]
-        pe = torch.randn(ycond.shape, generator=gen).to(device)
-        p5 = pert.view(-1, 1, 1, 1, 1) * known_lat
-        ycond = (1 - p5) * ycond + p5 * pe
-        y = torch.cat([mask, ycond], 1)
-        v2 = i2v(xs, sigma * 1000, ctx, y=y, image_strength=0.0)
-        loss_i2v = F.mse_loss(v2.float(), target)
+        with _autocast(args, device):
+            loss_t2v, loss_i2v = _dit_losses(enc, t2v, i2v, ids, lengths, x0_all[idx], kind_all[idx], y_all[idx],
+                                             masks, B, gen, noise_gen, dev)
         loss = loss_t2v + loss_i2v
         lr = _lr(step, steps, args.dit_lr, warmup=200)
         for g in opt.param_groups:
@@ -325,6 +339,29 @@ def train_dits(vae, data, args, device, log):
         m.eval().requires_grad_(False)
     return enc, t2v, i2v, {"steps": step, "seconds": time.time() - t0, **last, "batch": B,
                            "clips": n}
+
+
+def _dit_losses(enc, t2v, i2v, ids, lengths, x0, kind, ycond, masks, B, gen, noise_gen, dev):
+    """Flow-matching losses of both DiTs on one batch (same clips, sigma and noise; the known-frame model
+    with its own frame sets and conditional latent perturbation)."""
+    ctx = enc(ids, lengths)
+    # sigma: half logit-normal, half uniform
+    u = torch.rand(B, generator=gen)
+    ln = torch.sigmoid(torch.randn(B, generator=gen))
+    sigma = dev(torch.where(torch.rand(B, generator=gen) < 0.5, ln, u).clamp(1e-3, 1.0))
+    eps = torch.randn(x0.shape, generator=noise_gen, device=x0.device)
+    s5 = sigma.view(-1, 1, 1, 1, 1)
+    xs = (1 - s5) * x0 + s5 * eps
+    target = eps - x0
+    loss_t2v = F.mse_loss(t2v(xs, sigma * 1000, ctx).float(), target)
+    mask = masks[kind]
+    pert = dev((torch.rand(B, generator=gen) < 0.4).float() * torch.rand(B, generator=gen) * 0.3)
+    known_lat = (mask.amax(dim=(1, 3, 4)) > 0).float()[:, None, :, None, None]
+    pe = torch.randn(ycond.shape, generator=noise_gen, device=x0.device)
+    p5 = pert.view(-1, 1, 1, 1, 1) * known_lat
+    y = torch.cat([mask, (1 - p5) * ycond + p5 * pe], 1)
+    loss_i2v = F.mse_loss(i2v(xs, sigma * 1000, ctx, y=y, image_strength=0.0).float(), target)
+    return loss_t2v, loss_i2v
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -425,6 +462,10 @@ def main(argv=None):
                    help="share of --vae-seconds spent on the image phase")
     p.add_argument("--vae-clips", type=int, default=4096)
     p.add_argument("--vae-lr", type=float, default=5e-4)
+    p.add_argument("--vae-init", choices=("per-frame", "random"), default="per-frame",
+                   help="per-frame: a fresh VAE starts as a per-frame image autoencoder (init_per_frame)")
+    p.add_argument("--amp", choices=("bf16", "off"), default=None,
+                   help="bf16 autocast of the training forwards (default: bf16 on CUDA, off on the CPU)")
     p.add_argument("--vae-stat-weight", type=float, default=0.1)
     p.add_argument("--vae-latent-noise", type=float, default=0.05)
     p.add_argument("--dit-steps", type=int, default=20000)
@@ -447,6 +488,8 @@ def main(argv=None):
         args.vae_image_steps, args.vae_image_batch = 3, 4
         args.dit_steps, args.dit_clips, args.dit_batch, args.eval = 3, 16, 4, 1
     device = torch.device(args.device)
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" else "off"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True

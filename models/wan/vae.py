@@ -128,7 +128,9 @@ class RMS_norm(nn.Module):
         if x.dtype in (torch.float16, torch.bfloat16):
             # Norm accumulated in fp32 without an fp32 copy of the activation.
             n = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-            inv = (self.scale / n.clamp_min_(1e-12)).to(x.dtype)
+            inv = (self.scale / n.clamp_min(1e-12)).to(x.dtype)
+            if torch.is_grad_enabled():  # training (bf16 autocast): autograd needs x·inv for gamma's gradient
+                return (x * inv * self.gamma).to(x.dtype)
             return (x * inv).mul_(self.gamma)
         return F.normalize(x, dim=1).mul_(self.scale).mul_(self.gamma)
 

@@ -606,7 +606,9 @@ def test_gelu_epilogue_keeps_the_tanh_gelu_off_cuda():
     m = randomize(WanDiT(cfg), 36).eval()
     x, ctx, _, _ = inputs(cfg)
     t = torch.tensor([999.0, 10.0])
+    assert m.gelu_epilogue  # the default
     with torch.no_grad():
+        m.gelu_epilogue = False
         ref = m(x, t, ctx)
         m.gelu_epilogue = True
         assert torch.equal(m(x, t, ctx), ref)
@@ -619,6 +621,7 @@ def test_gelu_epilogue_on_cuda():
     x, ctx, _, _ = (v.cuda() if v is not None else v for v in inputs(cfg))
     t = torch.tensor([999.0, 10.0], device="cuda")
     with torch.no_grad():
+        m.gelu_epilogue = False
         ref = m(x, t, ctx)
         m.gelu_epilogue = True
         out = m(x, t, ctx)
