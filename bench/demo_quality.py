@@ -244,15 +244,18 @@ def weights_provenance(weights):
         return text + " No train_report.json next to them: how they were trained is not recorded here."
     with open(report) as fh:
         r = json.load(fh)
-    vae, dit = r.get("vae", {}), r.get("dit", {})
+    stage = r.get("vae_stage", {})  # the VAE trained in an earlier call (--vae-from), when it was
+    vae, dit = stage.get("vae") or r.get("vae", {}), r.get("dit", {})
     phases = [f"{vae[k]['steps']} {k} steps × {vae[k]['batch']} "
               f"({'single frames' if vae[k]['frames'] == 1 else str(vae[k]['frames']) + '-frame clips'}, "
               f"rec {vae[k]['rec_mean']:.3f})" for k in ("image", "video") if isinstance(vae.get(k), dict)]
     vae_text = " + ".join(phases) if phases else f"{vae.get('steps', '?')} steps"
     where = r.get("args", {}).get("out", "")
     note = re.search(r"\((.*)\)", where)
-    text += (f" Trained by `{r.get('command', '?')}` on {r.get('device', '?')} (torch {r.get('torch', '?')}"
-             f"{'; ' + note.group(1) if note else ''}), {r.get('total_seconds', 0):.0f} s in all: VAE {vae_text}; "
+    command = f"{stage['command']}` then `{r.get('command', '?')}" if stage.get("command") else r.get("command", "?")
+    seconds = r.get("total_seconds", 0) + stage.get("total_seconds", 0)
+    text += (f" Trained by `{command}` on {r.get('device', '?')} (torch {r.get('torch', '?')}"
+             f"{'; ' + note.group(1) if note else ''}), {seconds:.0f} s in all: VAE {vae_text}; "
              f"DiT {dit.get('steps', '?')} steps × {dit.get('batch', '?')} (loss T2V {dit.get('loss_t2v_mean', 0):.3f}"
              f", known-frame {dit.get('loss_i2v_mean', 0):.3f}); all numbers in `train_report.json` next to them.")
     return text
