@@ -4,13 +4,14 @@
     python -m models.demo.train --out /tmp/w --smoke                  # seconds, for checking the script
 
 In GPU calls of at most 10 minutes, split the stages (each call writes its folder, the next reads it):
-    python -m models.demo.train --out $OUT/v --vae-seconds 480 --stop-after vae
-    python -m models.demo.train --out $OUT/w --vae-from v --dit-seconds 420 --eval 16
-    python -m models.demo.train --out $OUT/w2 --vae-from w --dit-from w --dit-seconds 420    # more DiT steps
+    python -m models.demo.train --out $OUT/v --vae-seconds 430 --vae-image-share 0.3 --stop-after vae
+    python -m models.demo.train --out $OUT/w --vae-from v --dit-seconds 390 --eval 16    # the bundled weights
+    python -m models.demo.train --out $OUT/w2 --vae-from w --dit-from w --dit-seconds 450    # more DiT steps
 (`--vae-from DIR --vae-phases video` continues the VAE's video phase from an earlier VAE.)
 
 Stages (all in this process, in order):
-1. Wan-VAE architecture autoencoder (`WanVAE`, tiny config VAE_CONFIG) on 9-frame clips: weighted L1 +
+1. Wan-VAE architecture autoencoder (`WanVAE`, tiny config VAE_CONFIG), started as a per-frame image
+   autoencoder (`init_per_frame`), on single frames and then 17-frame clips: weighted L1 +
    MSE reconstruction (object pixels weigh more), decoded from mu + small noise, plus a penalty that pulls
    the per-channel batch mean/std of the latent to Wan's fixed LATENT_MEAN/LATENT_STD, so that
    `latent.normalize` gives roughly unit-variance DiT inputs like the real VAE.
