@@ -380,8 +380,8 @@ def write_table(path, res, args, seconds):
     verdict = "met" if target_met else "**not met**"
     L.append(f"> Verdict: the T2V prompt-adherence target (≥ 90 % of ≥ 50 seeds show the captioned colour, shape and "
              f"direction) is {verdict}: {t['all']:.0%} of {t['n']} seeds."
-             + ("" if target_met else " These weights are undertrained (docs/model_card.md, 'Training runs'); every "
-                "figure below describes an undertrained model.") + "\n")
+             + ("" if target_met else " These weights need more training (docs/model_card.md, 'Training runs'); "
+                "every figure below describes a model short of the target.") + "\n")
     v = res["vae"]
     L.append("## VAE round trip\n")
     L.append(f"| clips | PSNR (dB) | adherence of the reconstruction |\n|---|---|---|\n"
