@@ -50,7 +50,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=WEIGHTS)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seeds", type=int, default=4, help="clips per setting (caption i % 4, seed i)")
+    ap.add_argument("--seeds", type=int, default=4, help="clips per setting (caption i %% 4, seed i)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--shift", type=float, default=3.0)
