@@ -693,7 +693,8 @@ class WanDiT(nn.Module):
         fused = self.fused
         if fused is None:
             fused = x.is_cuda and _triton_available()
-        return block_plan(fused, self.fuse_residual, self.gelu_epilogue, self.compile_blocks)
+        # the GELU epilogue is a cuBLASLt kernel: off CUDA the plan is the plain one (EAGER on the CPU)
+        return block_plan(fused, self.fuse_residual, self.gelu_epilogue and x.is_cuda, self.compile_blocks)
 
     def _residual_dtype(self):
         dtype = self.residual_dtype or torch.float32
