@@ -47,3 +47,37 @@ def test_rms_norm_half_precision_training_path_matches_inference_and_has_gradien
     out.float().square().sum().backward()
     assert norm.gamma.grad is not None and norm.gamma.grad.abs().sum() > 0
     assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def run_budget(seconds, step_times, steps=100_000):
+    clock, logs = FakeClock(), []
+    budget = T.StepBudget(seconds, logs.append, "test", clock=clock)
+    step = 0
+    while step < steps:
+        clock.t += step_times(step)
+        step += 1
+        steps = budget.fit(step, steps)
+    return step, clock.t, logs
+
+
+def test_step_budget_fits_the_cap_from_steps_after_the_warm_up():
+    # 5 s warm-up steps (compile), then 0.1 s steps: 100 s cap -> about (100 - 50) / 0.1 more steps
+    steps, elapsed, logs = run_budget(100.0, lambda i: 5.0 if i < T.WARMUP_STEPS else 0.1)
+    assert abs(elapsed - 100.0) < 0.5 and steps > 500
+    assert len(logs) == 1 and "100.0 ms/step" in logs[0]  # steady steps: no refit lowers it
+
+
+def test_step_budget_refits_when_steps_get_slower_than_the_timed_ones():
+    # timed at 0.1 s, then 0.2 s from step 40 on: the first fit alone would run ~1.8x over the cap
+    steps, elapsed, logs = run_budget(100.0, lambda i: 0.1 if i < 40 else 0.2)
+    assert elapsed <= 100.0 + 0.5, (steps, elapsed, logs)
+    assert len(logs) >= 2  # the first fit and at least one lowering refit
+    assert run_budget(0, lambda i: 0.1, steps=50)[0] == 50  # no cap: the step count stands
