@@ -327,7 +327,7 @@ def train_dits(vae, data, args, device, log):
         lengths = torch.where(drop, empty_len, len_all[idx])
         with _autocast(args, device):
             loss_t2v, loss_i2v = _dit_losses(enc, t2v, i2v, ids, lengths, x0_all[idx], kind_all[idx], y_all[idx],
-                                             masks, B, gen, noise_gen, dev)
+                                             masks, gen, noise_gen, dev)
         loss = loss_t2v + loss_i2v
         lr = _lr(step, steps, args.dit_lr, warmup=200)
         for g in opt.param_groups:
@@ -351,9 +351,10 @@ def train_dits(vae, data, args, device, log):
                            "clips": n}
 
 
-def _dit_losses(enc, t2v, i2v, ids, lengths, x0, kind, ycond, masks, B, gen, noise_gen, dev):
+def _dit_losses(enc, t2v, i2v, ids, lengths, x0, kind, ycond, masks, gen, noise_gen, dev):
     """Flow-matching losses of both DiTs on one batch (same clips, sigma and noise; the known-frame model
     with its own frame sets and conditional latent perturbation)."""
+    B = x0.shape[0]
     ctx = enc(ids, lengths)
     # sigma: half logit-normal, half uniform
     u = torch.rand(B, generator=gen)
