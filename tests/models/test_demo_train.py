@@ -81,3 +81,34 @@ def test_step_budget_refits_when_steps_get_slower_than_the_timed_ones():
     assert elapsed <= 100.0 + 0.5, (steps, elapsed, logs)
     assert len(logs) >= 2  # the first fit and at least one lowering refit
     assert run_budget(0, lambda i: 0.1, steps=50)[0] == 50  # no cap: the step count stands
+
+
+def test_latent_object_mask_marks_the_cells_the_object_covers_in_each_latent_frame():
+    from models.demo import captions as C
+    from models.demo import world
+    cap = C.Caption("red", "square", "moving", "quickly", "black", direction="right")
+    video, st = world.render(cap, 17, seed=3, return_state=True)
+    clips = (video.permute(3, 0, 1, 2)[None] * 2 - 1)
+    m = T.latent_object_mask(clips)
+    assert m.shape == (1, 1, 5, 8, 8) and m.dtype == torch.uint8
+    for k, frames in enumerate([[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]):
+        want = torch.zeros(8, 8, dtype=torch.bool)
+        for f in frames:
+            px = (video[f] - video[f, :1, :1]).abs().sum(-1) > 0.1
+            want |= px.view(8, 8, 8, 8).any(3).any(1)
+        assert torch.equal(m[0, 0, k].bool(), want), k
+    assert 0 < m.float().mean() < 0.5
+    assert bool(m[0, 0, 4].bool().any() and not torch.equal(m[0, 0, 0], m[0, 0, 4]))  # it moved
+
+
+def test_weighted_mse_is_plain_mse_at_weight_one_and_up_weights_the_marked_cells():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 5, 8, 8, generator=g), torch.randn(2, 16, 5, 8, 8, generator=g)
+    ones = torch.ones(2, 1, 5, 8, 8)
+    assert torch.allclose(T._weighted_mse(pred, target, ones), torch.nn.functional.mse_loss(pred, target))
+    w = ones.clone()
+    w[:, :, :, :2, :2] = 5.0
+    err = (pred - target) ** 2
+    marked, rest = err[:, :, :, :2, :2].sum(), err.sum() - err[:, :, :, :2, :2].sum()
+    want = (5 * marked + rest) / (w.sum() * 16)
+    assert torch.allclose(T._weighted_mse(pred, target, w), want)
