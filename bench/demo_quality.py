@@ -245,6 +245,7 @@ def weights_provenance(weights):
     with open(report) as fh:
         r = json.load(fh)
     stage = r.get("vae_stage", {})  # the VAE trained in an earlier call (--vae-from), when it was
+    dit_stages = r.get("dit_stages", []) + [r]  # DiT stages, each continued by the next (--dit-from)
     vae, dit = stage.get("vae") or r.get("vae", {}), r.get("dit", {})
     phases = [f"{vae[k]['steps']} {k} steps × {vae[k]['batch']} "
               f"({'single frames' if vae[k]['frames'] == 1 else str(vae[k]['frames']) + '-frame clips'}, "
@@ -252,11 +253,14 @@ def weights_provenance(weights):
     vae_text = " + ".join(phases) if phases else f"{vae.get('steps', '?')} steps"
     where = r.get("args", {}).get("out", "")
     note = re.search(r"\((.*)\)", where)
-    command = f"{stage['command']}` then `{r.get('command', '?')}" if stage.get("command") else r.get("command", "?")
-    seconds = r.get("total_seconds", 0) + stage.get("total_seconds", 0)
-    text += (f" Trained by `{command}` on {r.get('device', '?')} (torch {r.get('torch', '?')}"
+    commands = ([stage["command"]] if stage.get("command") else []) + [d.get("command", "?") for d in dit_stages]
+    seconds = stage.get("total_seconds", 0) + sum(d.get("total_seconds", 0) for d in dit_stages)
+    steps = " + ".join(str(d.get("dit", {}).get("steps", "?")) for d in dit_stages)
+    w = r.get("args", {}).get("dit_object_weight", 0)
+    weighted = f" (object cells weighted 1 + {w:g})" if w else ""
+    text += (f" Trained by `{'` then `'.join(commands)}` on {r.get('device', '?')} (torch {r.get('torch', '?')}"
              f"{'; ' + note.group(1) if note else ''}), {seconds:.0f} s in all: VAE {vae_text}; "
-             f"DiT {dit.get('steps', '?')} steps × {dit.get('batch', '?')} (loss T2V {dit.get('loss_t2v_mean', 0):.3f}"
+             f"DiT {steps} steps × {dit.get('batch', '?')} (final loss{weighted} T2V {dit.get('loss_t2v_mean', 0):.3f}"
              f", known-frame {dit.get('loss_i2v_mean', 0):.3f}); all numbers in `train_report.json` next to them.")
     return text
 
@@ -411,7 +415,7 @@ def main(argv=None):
     p.add_argument("--long-seeds", type=int, default=3)
     p.add_argument("--segments", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--cfg", type=float, default=1.5, help="the demo workflows' CFG")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--no-long", action="store_true")
     p.add_argument("--long-start", choices=("image", "t2v"), default="image",

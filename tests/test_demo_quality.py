@@ -60,3 +60,20 @@ def test_render_from_json_writes_the_same_file(tmp_path):
     text = (tmp_path / "q.md").read_text()
     assert "Weights measured: test." in text and "**not met**: 50% of 2 seeds" in text
     assert "frame_guidance 1.0 (+ frame guidance w=1.0" in text and "perturbation 0 (no value helps)" in text
+
+
+def test_provenance_chains_every_training_call_in_order(tmp_path):
+    def stage(command, steps, seconds):
+        return {"command": command, "dit": {"steps": steps, "batch": 512, "loss_t2v_mean": 0.2,
+                                            "loss_i2v_mean": 0.1}, "total_seconds": seconds}
+    report = {**stage("train C", 30, 300), "device": "GPU", "torch": "2",
+              "args": {"out": "$OUT/C (call 4)", "dit_object_weight": 4.0},
+              "vae_stage": {"command": "train v", "total_seconds": 100,
+                            "vae": {"image": {"steps": 5, "batch": 8, "frames": 1, "rec_mean": 0.02}}},
+              "dit_stages": [stage("train w", 10, 200), stage("train B", 20, 250)]}
+    (tmp_path / "train_report.json").write_text(json.dumps(report))
+    (tmp_path / "cvg_demo_t2v.safetensors").write_bytes(b"x")
+    text = dq.weights_provenance(str(tmp_path))
+    assert "`train v` then `train w` then `train B` then `train C`" in text
+    assert "850 s in all" in text and "DiT 10 + 20 + 30 steps × 512" in text
+    assert "(object cells weighted 1 + 4)" in text and "call 4" in text
