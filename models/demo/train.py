@@ -76,16 +76,24 @@ def build_dit(**overrides):
 
 # ------------------------------------------------------------------------------------------ data
 
-def make_clips(n, frames, seed, device, batch=512):
-    """n deterministic (caption, clip) pairs: captions list, video [n, 3, T, H, W] in -1..1 (CPU)."""
+def make_clips(n, frames, seed, device, batch=512, bounce_share=0.0):
+    """n deterministic (caption, clip) pairs: captions list, video [n, 3, T, H, W] in -1..1 (CPU) and a [n]
+    bool tensor, True where the clip may bounce. That share (`bounce_share`) of the clips is rendered with safe=False: the start is anywhere, so the object may bounce off a wall (or its radius
+    off R_MIN/R_MAX) within the clip, as it does in long clips. Safe clips never show a wall, so a model
+    trained on them alone has never seen what a segment continuing an object near a wall should do."""
     gen = torch.Generator().manual_seed(seed)
     caps = [C.random_caption(gen) for _ in range(n)]
     seeds = torch.randint(2 ** 31 - 1, (n,), generator=gen).tolist()
-    out = []
-    for i in range(0, n, batch):
-        v = world.render_batch(caps[i:i + batch], frames, seeds=seeds[i:i + batch], device=device)
-        out.append((v.permute(0, 4, 1, 2, 3) * 2 - 1).to(torch.float16).cpu())
-    return caps, torch.cat(out)
+    bounce = torch.rand(n, generator=gen) < bounce_share  # drawn last: captions and seeds stay as without it
+    out = torch.empty(n, 3, frames, world.SIZE, world.SIZE, dtype=torch.float16)
+    for flag in (False, True):
+        idx = bounce.nonzero().flatten() if flag else (~bounce).nonzero().flatten()
+        for i in range(0, len(idx), batch):
+            sel = idx[i:i + batch].tolist()
+            v = world.render_batch([caps[j] for j in sel], frames, seeds=[seeds[j] for j in sel], device=device,
+                                   safe=not flag)
+            out[sel] = (v.permute(0, 4, 1, 2, 3) * 2 - 1).to(torch.float16).cpu()
+    return caps, out, bounce
 
 
 def latent_object_mask(clips):
@@ -124,7 +132,7 @@ def train_vae(args, device, log, vae=None, phases=("image", "video")):
     for i, (name, frames, batch, steps, seconds) in enumerate(all_phases):
         if name not in phases:
             continue
-        _, clips = make_clips(args.vae_clips, frames, args.seed + 1 + 10 * i, device)
+        _, clips, _ = make_clips(args.vae_clips, frames, args.seed + 1 + 10 * i, device)
         report[name] = _vae_phase(vae, opt, clips.to(device), batch, steps, seconds, args, gen, log, name)
     vae.eval().requires_grad_(False)
     return vae, {**report, "clips": args.vae_clips}
@@ -254,7 +262,7 @@ def encode_normalised(vae, video, batch=256):
 
 @torch.no_grad()
 def vae_quality(vae, device, seed, n=64):
-    caps, clips = make_clips(n, FRAMES, seed, device)
+    caps, clips, _ = make_clips(n, FRAMES, seed, device)
     ok = 0
     ps = []
     zs = []
@@ -278,7 +286,7 @@ def vae_quality(vae, device, seed, n=64):
 def build_dit_dataset(vae, args, device, log):
     t0 = time.time()
     n = args.dit_clips
-    caps, clips = make_clips(n, FRAMES, args.seed + 3, device)
+    caps, clips, bounce = make_clips(n, FRAMES, args.seed + 3, device, bounce_share=args.dit_bounce_share)
     x0 = encode_normalised(vae, clips)
     gen = torch.Generator().manual_seed(args.seed + 4)
     names = list(FRAME_SETS)
@@ -297,7 +305,7 @@ def build_dit_dataset(vae, args, device, log):
     ids, lengths = C.batch_tokens([c.text() for c in caps])
     log(f"dit dataset: {n} clips in {time.time() - t0:.0f}s; latent std {float(x0.std()):.3f}")
     return {"x0": x0, "y": ycond, "kind": kind, "masks": masks, "ids": ids, "lengths": lengths,
-            "obj": obj, "captions": caps}
+            "obj": obj, "bounce": bounce, "captions": caps}
 
 
 def train_dits(vae, data, args, device, log):
@@ -321,6 +329,9 @@ def train_dits(vae, data, args, device, log):
     x0_all, y_all, kind_all = dev(data["x0"]), dev(data["y"]), dev(data["kind"])
     masks, ids_all, len_all = dev(data["masks"]), dev(data["ids"]), dev(data["lengths"])
     obj_all = dev(data["obj"])
+    # T2V trains on the safe clips only: a caption's direction is the clip's net motion there, while a
+    # bouncing clip may move the other way; the known-frame model (which continues long videos) sees both
+    t2v_keep_all = dev((~data["bounce"]).float())
     empty_ids, empty_len = C.batch_tokens([""])
     empty_ids, empty_len = dev(empty_ids), dev(empty_len)
     steps = args.dit_steps
@@ -338,7 +349,8 @@ def train_dits(vae, data, args, device, log):
         with _autocast(args, device):
             loss_t2v, loss_i2v = _dit_losses(enc, t2v, i2v, ids, lengths, x0_all[idx], kind_all[idx], y_all[idx],
                                              masks, gen, noise_gen, dev,
-                                             weight=1.0 + args.dit_object_weight * obj_all[idx].float())
+                                             weight=1.0 + args.dit_object_weight * obj_all[idx].float(),
+                                             t2v_keep=t2v_keep_all[idx])
         loss = loss_t2v + loss_i2v
         lr = _lr(step, steps, args.dit_lr, warmup=200)
         for g in opt.param_groups:
@@ -364,14 +376,17 @@ def train_dits(vae, data, args, device, log):
 
 def _weighted_mse(pred, target, weight):
     """Mean squared error with a per-cell weight [B,1,T,h,w], normalised so that weight 1 is plain MSE."""
-    return ((pred.float() - target) ** 2 * weight).sum() / (weight.sum() * target.shape[1])
+    # clamped: a batch whose every clip is dropped (weight 0) gives loss 0, not 0/0
+    return ((pred.float() - target) ** 2 * weight).sum() / (weight.sum() * target.shape[1]).clamp_min(1e-6)
 
 
-def _dit_losses(enc, t2v, i2v, ids, lengths, x0, kind, ycond, masks, gen, noise_gen, dev, weight=None):
+def _dit_losses(enc, t2v, i2v, ids, lengths, x0, kind, ycond, masks, gen, noise_gen, dev, weight=None,
+                t2v_keep=None):
     """Flow-matching losses of both DiTs on one batch (same clips, sigma and noise; the known-frame model
     with its own frame sets and conditional latent perturbation). `weight` [B,1,T,h,w] (default 1)
     up-weights latent cells: the object covers a few of the 8×8 cells, and its corners are what tells a
-    square from a circle, while a plain MSE is dominated by the flat background."""
+    square from a circle, while a plain MSE is dominated by the flat background. `t2v_keep` [B] (default 1)
+    drops clips from the T2V loss."""
     B = x0.shape[0]
     ctx = enc(ids, lengths)
     # sigma: half logit-normal, half uniform
@@ -384,7 +399,8 @@ def _dit_losses(enc, t2v, i2v, ids, lengths, x0, kind, ycond, masks, gen, noise_
     target = eps - x0
     if weight is None:
         weight = torch.ones_like(x0[:, :1])
-    loss_t2v = _weighted_mse(t2v(xs, sigma * 1000, ctx), target, weight)
+    keep = weight if t2v_keep is None else weight * t2v_keep.view(-1, 1, 1, 1, 1)
+    loss_t2v = _weighted_mse(t2v(xs, sigma * 1000, ctx), target, keep)
     mask = masks[kind]
     pert = dev((torch.rand(B, generator=gen) < 0.4).float() * torch.rand(B, generator=gen) * 0.3)
     known_lat = (mask.amax(dim=(1, 3, 4)) > 0).float()[:, None, :, None, None]
@@ -506,6 +522,8 @@ def main(argv=None):
     p.add_argument("--dit-lr", type=float, default=5e-4)
     p.add_argument("--dit-object-weight", type=float, default=0.0,
                    help="extra loss weight of latent cells that show the object (0 = plain MSE)")
+    p.add_argument("--dit-bounce-share", type=float, default=0.0,
+                   help="share of DiT clips rendered with walls in reach (bounces; known-frame model only)")
     p.add_argument("--eval", type=int, default=32, help="seeds of the closing evaluation (0 = skip)")
     p.add_argument("--vae-eval", type=int, default=64, help="clips of the VAE reconstruction check")
     p.add_argument("--vae-from", default=None, help="folder of an earlier run: use its VAE, skip the VAE stage")

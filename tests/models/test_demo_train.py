@@ -112,3 +112,31 @@ def test_weighted_mse_is_plain_mse_at_weight_one_and_up_weights_the_marked_cells
     marked, rest = err[:, :, :, :2, :2].sum(), err.sum() - err[:, :, :, :2, :2].sum()
     want = (5 * marked + rest) / (w.sum() * 16)
     assert torch.allclose(T._weighted_mse(pred, target, w), want)
+
+
+def test_make_clips_bounce_share_renders_that_share_unsafe_and_keeps_the_rest_as_before():
+    from models.demo import world
+    caps, clips, bounce = T.make_clips(64, 17, 3, "cpu")
+    caps_b, clips_b, bounce_b = T.make_clips(64, 17, 3, "cpu", bounce_share=0.5)
+    assert not bounce.any() and 16 < int(bounce_b.sum()) < 48
+    assert [c.text() for c in caps] == [c.text() for c in caps_b]
+    assert torch.equal(clips[~bounce_b], clips_b[~bounce_b])  # the safe clips are unchanged
+    assert not torch.equal(clips[bounce_b], clips_b[bounce_b])
+    i = int(bounce_b.nonzero()[0])
+    want = world.render_batch([caps[i]], 17, seeds=[render_seed(i)], safe=False)[0]
+    got = (clips_b[i].float().permute(1, 2, 3, 0) + 1) / 2
+    assert (got - want).abs().max() < 2e-3
+
+
+def render_seed(i, n=64, seed=3):
+    """The render seed make_clips gives clip i (its generator: n captions, then n seeds)."""
+    from models.demo import captions as C
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        C.random_caption(gen)
+    return torch.randint(2 ** 31 - 1, (n,), generator=gen).tolist()[i]
+
+
+def test_weighted_mse_of_a_fully_dropped_batch_is_zero_not_nan():
+    pred, target = torch.randn(2, 16, 1, 2, 2), torch.randn(2, 16, 1, 2, 2)
+    assert float(T._weighted_mse(pred, target, torch.zeros(2, 1, 1, 2, 2))) == 0.0
