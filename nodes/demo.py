@@ -83,7 +83,9 @@ class CVGDemoScene:
     DESCRIPTION = (
         "Renders a ground-truth clip of the demo world (one coloured shape on a plain background, animated "
         "as the caption says; deterministic from the seed) as IMAGE frames 0..1, e.g. the start image of "
-        "the demo I2V workflow. length must be 4k+1; clips longer than 17 frames bounce off the walls."
+        "the demo I2V workflow. length must be 4k+1; clips longer than 17 frames bounce off the walls. A "
+        "length below 17 gives the first frames of the seed's 17-frame clip, so a start image leaves room "
+        "for 17 frames of the caption's motion (it does not start against the wall it moves towards)."
     )
     CATEGORY = "CVG/demo"
     FUNCTION = "render"
@@ -104,7 +106,8 @@ class CVGDemoScene:
         cap = captions.parse(text)
         if cap is None:
             raise ValueError("CVG Demo Scene needs a caption; got an empty one. Expected " + captions.GRAMMAR_HELP)
-        return (world.render(cap, int(length), int(size), int(seed)),)
+        length = int(length)
+        return (world.render(cap, max(length, world.SAFE_FRAMES), int(size), int(seed))[:length],)
 
 
 NODE_CLASS_MAPPINGS = {"CVGDemoTextEncode": CVGDemoTextEncode, "CVGDemoScene": CVGDemoScene}
