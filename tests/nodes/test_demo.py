@@ -116,8 +116,9 @@ def test_i2v_and_long_checks_reject_a_wrong_clip():
     caption = "a red circle moving right quickly on a black background"
     api = {"1": {"class_type": "CVGDemoScene", "inputs": {"text": caption, "length": 1, "size": 64, "seed": 0}},
            "2": {"class_type": "CVGDemoTextEncode", "inputs": {"text": caption}}}
-    start = world.render(caption, 1, 64, 0)
-    check_i2v_keeps_start_frame(api, torch.cat([start, world.render(caption, 17, 64, 1)[1:]]))
+    clip = world.render(caption, 17, 64, 0)  # CVG Demo Scene's 1-frame start is this clip's frame 0
+    start = clip[:1]
+    check_i2v_keeps_start_frame(api, clip)
     check_long_keeps_background(api, world.render(caption, 17, 64, 0))
     with pytest.raises(AssertionError, match="PSNR"):
         check_i2v_keeps_start_frame(api, world.render(caption, 17, 64, 5))  # right caption, other start
