@@ -31,6 +31,9 @@ def test_a_setting_helps_only_when_better_on_most_seeds_and_not_lost_earlier():
     # 2 of 3 better, but the mean gain (0.003) is below its standard error (0.007): noise, not a gain
     assert not dq.paired([run(0.49, 40), run(0.39, 30), run(0.61, 50)], plain)["helps"]
     assert not dq.paired([run(0.1, 40), run(0.5, 30), run(0.7, 50)], plain)["helps"]    # 1 of 3 better
+    # every seed better by 0.001 (no spread, so above its standard error) but below one 8-bit code value
+    assert not dq.paired([run(0.499, 40), run(0.399, 30), run(0.599, 50)], plain)["helps"]
+    assert dq.paired([run(0.49, 40), run(0.39, 30), run(0.59, 50)], plain)["helps"]    # 0.01 on every seed
     assert not dq.paired([run(0.3, 20), run(0.3, 10), run(0.5, 50)], plain)["helps"]    # lost earlier
     # a last segment without the object counts as the worst colour error, not as missing
     absent = dq.paired([run(float("nan"), 40), run(0.3, 30), run(0.5, 50)], plain)
