@@ -1,12 +1,15 @@
 """Train the bundled demo models on the demo world, in one seeded command.
 
-    python -m models.demo.train --out models/demo/weights            # GPU if there is one, else CPU
+    python -m models.demo.train --out models/demo/weights --dit-object-weight 4 --dit-bounce-share 0.35
     python -m models.demo.train --out /tmp/w --smoke                  # seconds, for checking the script
+(GPU if there is one, else CPU.)
 
-In GPU calls of at most 10 minutes, split the stages (each call writes its folder, the next reads it):
+In GPU calls of at most 10 minutes, split the stages (each call writes its folder, the next reads it);
+the bundled weights are the five calls listed in docs/model_card.md ("Training command"), e.g.
     python -m models.demo.train --out $OUT/v --vae-seconds 430 --vae-image-share 0.3 --stop-after vae
-    python -m models.demo.train --out $OUT/w --vae-from v --dit-seconds 390 --eval 16    # the bundled weights
-    python -m models.demo.train --out $OUT/w2 --vae-from w --dit-from w --dit-seconds 450    # more DiT steps
+    python -m models.demo.train --out $OUT/w --vae-from v --dit-seconds 390 --eval 16
+    python -m models.demo.train --out $OUT/w2 --vae-from w --dit-from w --dit-seconds 450 \
+        --dit-object-weight 4 --dit-bounce-share 0.35                                     # more DiT steps
 (`--vae-from DIR --vae-phases video` continues the VAE's video phase from an earlier VAE.)
 
 Stages (all in this process, in order):
@@ -15,7 +18,8 @@ Stages (all in this process, in order):
    MSE reconstruction (object pixels weigh more), decoded from mu + small noise, plus a penalty that pulls
    the per-channel batch mean/std of the latent to Wan's fixed LATENT_MEAN/LATENT_STD, so that
    `latent.normalize` gives roughly unit-variance DiT inputs like the real VAE.
-2. A dataset of 17-frame clips is rendered and encoded once with the frozen VAE (DiT space).
+2. A dataset of 17-frame clips is rendered and encoded once with the frozen VAE (DiT space); with
+   `--dit-bounce-share` that share of the clips may reach a wall and bounce (as long clips do).
 3. Jointly: the caption encoder, a T2V `WanDiT` (in_dim 16) and a known-frame `WanDiT` (in_dim 36:
    noisy latent | 4-channel frame mask | condition latent, models/conditioning.py conventions), flow
    matching with the sampler's convention x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, t = σ·1000.
@@ -23,6 +27,8 @@ Stages (all in this process, in order):
    the known-frame sets of FRAME_SETS (I2V, extension by 5 / 9 frames, first+last, every 4th frame, and
    none = the frame-unconditional branch), with conditional latent perturbation z_s = (1−s)·z + s·ε,
    s ~ U(0, 0.3) on 40 % of samples (only on latent frames that hold known frames).
+   `--dit-object-weight` up-weights the latent cells that show the object; bouncing clips train only the
+   known-frame model.
 4. A quick evaluation (T2V prompt adherence, I2V frame-0 PSNR) with the pack's own sampler, written
    to train_report.json next to the weights.
 
