@@ -21,6 +21,7 @@ shift --shift, the empty caption as negative prompt.
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -166,8 +167,11 @@ MIN_GAIN = 1 / 255
 def long_run(demo, caption, seed, args, s=0.0, w=0.0, anchor=0.0, hier=False, start=None):
     """Returns (video [T,H,W,3], plan). start: IMAGE frame [H,W,3] given as global frame 0, or None."""
     chunks = []
+    length = lv.plan_total_frames(lv.plan_extension(args.segments, FRAMES, 5))  # the autoregressive length
     if hier:
-        K = 1 + (args.segments * (FRAMES - 5)) // 16  # about the autoregressive length
+        # keyframes every 16 frames up to at least that length; the video is cut to it below, so both
+        # methods are measured over the same frames
+        K = 1 + math.ceil((length - 1) / 16)
         plan = lv.plan_interpolation(K, frames_between=15)
         keys = {16 * j: demo.t2v_clip(caption, seed * 100 + j, args, frames=1)[0] for j in range(K)}
         if start is not None:
@@ -188,7 +192,7 @@ def long_run(demo, caption, seed, args, s=0.0, w=0.0, anchor=0.0, hier=False, st
             return demo.known_frame_clip(caption, known, seed + seg.index, args, s=s, w=w)
 
         lv.generate_long(plan, sample_segment, lambda x: x, lambda f, seg: chunks.append(f), color_anchoring=anchor)
-    return torch.cat(chunks), plan
+    return torch.cat(chunks)[:length], plan
 
 
 def drift_rows(video, caption, plan):
@@ -322,7 +326,7 @@ def long_tables(res, args, target_met):
              "long-video techniques, not T2V adherence" if args.long_start == "image" else
              "the first segment is sampled from the caption alone (T2V)")
     L.append(f"Start: {start}. Hierarchical: keyframes every 16 frames by the T2V model at length 1 (frame 0 the "
-             "given one), interpolated by the known-frame model (first + last frame known). Colour error: RGB distance "
+             "given one), interpolated by the known-frame model (first + last frame known), cut to the autoregressive length. Colour error: RGB distance "
              "of the object's mean colour to its palette colour (0..1.7); size: object area / first segment's; "
              "background error: RGB distance of the border median to the captioned background; lost: first frame "
              "where the object is absent or not of its colour (= length when never lost); n/a: no seed had the "
