@@ -84,9 +84,10 @@ def build_dit(**overrides):
 
 def make_clips(n, frames, seed, device, batch=512, bounce_share=0.0):
     """n deterministic (caption, clip) pairs: captions list, video [n, 3, T, H, W] in -1..1 (CPU) and a [n]
-    bool tensor, True where the clip may bounce. That share (`bounce_share`) of the clips is rendered with safe=False: the start is anywhere, so the object may bounce off a wall (or its radius
-    off R_MIN/R_MAX) within the clip, as it does in long clips. Safe clips never show a wall, so a model
-    trained on them alone has never seen what a segment continuing an object near a wall should do."""
+    bool tensor, True where the clip may bounce. That share (`bounce_share`) of the clips is rendered with
+    safe=False: the start is anywhere, so the object may bounce off a wall (or its radius off R_MIN/R_MAX)
+    within the clip, as it does in long clips. Safe clips never show a wall, so a model trained on them
+    alone has never seen what a segment continuing an object near a wall should do."""
     gen = torch.Generator().manual_seed(seed)
     caps = [C.random_caption(gen) for _ in range(n)]
     seeds = torch.randint(2 ** 31 - 1, (n,), generator=gen).tolist()
