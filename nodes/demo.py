@@ -106,8 +106,7 @@ class CVGDemoScene:
         cap = captions.parse(text)
         if cap is None:
             raise ValueError("CVG Demo Scene needs a caption; got an empty one. Expected " + captions.GRAMMAR_HELP)
-        length = int(length)
-        return (world.render(cap, max(length, world.SAFE_FRAMES), int(size), int(seed))[:length],)
+        return (world.scene(cap, int(length), int(size), int(seed)),)
 
 
 NODE_CLASS_MAPPINGS = {"CVGDemoTextEncode": CVGDemoTextEncode, "CVGDemoScene": CVGDemoScene}

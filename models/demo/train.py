@@ -106,15 +106,20 @@ def make_clips(n, frames, seed, device, batch=512, bounce_share=0.0):
 def latent_object_mask(clips):
     """[n,1,T_lat,H/8,W/8] uint8: latent cells whose pixels (in any of their frames) show the object.
     Latent frame 0 is pixel frame 0; latent frame k covers pixel frames 4k-3..4k (the 4k+1 rule)."""
-    obj = ((clips - clips[:, :, :1, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+    obj = _object_pixels(clips).float()
     obj = torch.cat([obj[:, :, :1].repeat(1, 1, 4, 1, 1), obj[:, :, 1:]], 2)  # 4·T_lat frames
     return F.max_pool3d(obj, (4, 8, 8)).to(torch.uint8)
 
 
+def _object_pixels(x):
+    """[B,1,T,H,W] bool: pixels of clips [B,3,T,H,W] that differ from the clip's corner pixel (always
+    background)."""
+    return (x - x[:, :, :1, :1, :1]).abs().sum(1, keepdim=True) > 0.1
+
+
 def _object_weight(x):
-    """1 on background, 5 on pixels that differ from the clip's corner pixel (always background)."""
-    corner = x[:, :, :1, :1, :1]
-    return 1.0 + 4.0 * ((x - corner).abs().sum(1, keepdim=True) > 0.1).float()
+    """1 on background, 5 on the object's pixels."""
+    return 1.0 + 4.0 * _object_pixels(x).float()
 
 
 # ------------------------------------------------------------------------------------------- VAE

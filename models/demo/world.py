@@ -155,6 +155,13 @@ def render(caption, frames, size=SIZE, seed=0, safe=None, return_state=False):
     return (video, st) if return_state else video
 
 
+def scene(caption, frames, size=SIZE, seed=0):
+    """What CVG Demo Scene shows: `render`, except that fewer than SAFE_FRAMES frames are the first frames
+    of the seed's SAFE_FRAMES-frame clip, so a start image leaves room for a clip of the caption's motion
+    (it does not start against the wall it moves towards)."""
+    return render(caption, max(frames, SAFE_FRAMES), size, seed)[:frames]
+
+
 def render_batch(captions, frames, size=SIZE, seeds=None, safe=None, device=None):
     """Several captions -> [B, T, H, W, 3] float32, rendered together on `device` (same pixels as
     `render` up to float rounding; used to make training data quickly on a GPU)."""

@@ -181,3 +181,17 @@ def test_bundled_weights_load_with_the_pack_loaders_and_fit_the_budget():
         v = t2v(torch.randn(1, 16, 2, 8, 8), torch.tensor([500]), ctx)
         img = vae.decode(v)
     assert v.shape == (1, 16, 2, 8, 8) and img.shape == (1, 3, 5, 64, 64) and torch.isfinite(img).all()
+
+
+def test_scene_start_frames_are_the_start_of_the_safe_clip_and_leave_room_for_the_motion():
+    cap = "a red circle moving right quickly on a black background"
+    full = world.render(cap, world.SAFE_FRAMES, seed=0)
+    assert torch.equal(world.scene(cap, 1, seed=0), full[:1])
+    assert torch.equal(world.scene(cap, 5, seed=0), full[:5])
+    assert torch.equal(world.scene(cap, 21, seed=0), world.render(cap, 21, seed=0))  # longer: as render
+    # seed 0's plain 1-frame render starts 13 px from the right wall: 17 quick frames would bounce
+    _, st1 = world.render(cap, 1, seed=0, return_state=True)
+    _, st17 = world.render(cap, world.SAFE_FRAMES, seed=0, return_state=True)
+    travel = 2.0 * (world.SAFE_FRAMES - 1)
+    wall = world.SIZE - 1.0 - float(st17["r"][0])
+    assert float(st1["cx"][0]) + travel > wall and float(st17["cx"][0]) + travel <= wall
